@@ -1,0 +1,314 @@
+package boltstore
+
+import (
+	"bufio"
+	"context"
+	"crypto/ed25519"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/controlplane"
+)
+
+// clock is a settable test clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) Add(d time.Duration)     { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+func newClock() *clock                   { return &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
+func key(t *testing.T) ed25519.PublicKey { pub, _, _ := ed25519.GenerateKey(nil); return pub }
+
+func mustOpen(t *testing.T, path string, c *clock) *Store {
+	t.Helper()
+	s, err := Open(Config{Path: path, Now: c.Now, TCPPorts: controlplane.PortRange{First: 20000, Last: 20002}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func mustToken(t *testing.T, s *Store, uses int, ttl time.Duration) string {
+	t.Helper()
+	tok, _, err := s.CreateToken(t.Context(), uses, ttl, map[string]string{"site": "lab"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(tok, "tth_") {
+		t.Fatalf("token %q lacks the prefix", tok)
+	}
+	return tok
+}
+
+func wantKind(t *testing.T, err error, k controlplane.Kind) {
+	t.Helper()
+	if err == nil || controlplane.KindOf(err) != k {
+		t.Fatalf("got error %v, want kind %s", err, k)
+	}
+}
+
+func TestEnrollTokenRules(t *testing.T) {
+	c := newClock()
+	s := mustOpen(t, filepath.Join(t.TempDir(), "cp.db"), c)
+	ctx := t.Context()
+	tok := mustToken(t, s, 2, time.Hour)
+
+	k1 := key(t)
+	r1, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: k1, Name: "pi01"})
+	if err != nil || r1.Name != "pi01" {
+		t.Fatalf("enroll: %v %+v", err, r1)
+	}
+	// The same key again: succeeds, does not use the token up.
+	if r, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: k1, Name: "pi01"}); err != nil || r.DeviceID != r1.DeviceID {
+		t.Fatalf("re-enroll: %v", err)
+	}
+	// An explicit name that is taken is refused...
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "pi01"})
+	wantKind(t, err, controlplane.KindConflict)
+	// ...a default (hostname) one is suffixed.
+	r2, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "pi01", NameIsDefault: true})
+	if err != nil || r2.Name != "pi01-2" {
+		t.Fatalf("default name clash: %v %+v", err, r2)
+	}
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "pi03"})
+	wantKind(t, err, controlplane.KindUnauthorized)
+	if !strings.Contains(err.Error(), "used up") || strings.Contains(err.Error(), tok) {
+		t.Fatalf("used-up message %q (must say why, must not echo the token)", err)
+	}
+
+	expiring := mustToken(t, s, 5, time.Minute)
+	c.Add(time.Minute)
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: expiring, PublicKey: key(t), Name: "pi04"})
+	wantKind(t, err, controlplane.KindUnauthorized)
+	if !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("expiry message %q", err)
+	}
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: "tth_nope", PublicKey: key(t), Name: "pi05"})
+	wantKind(t, err, controlplane.KindUnauthorized)
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "Bad Name"})
+	wantKind(t, err, controlplane.KindInvalid)
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: []byte{1}, Name: "pi06"})
+	wantKind(t, err, controlplane.KindInvalid)
+
+	d, err := s.Device(ctx, "pi01")
+	if err != nil || d.Labels["site"] != "lab" {
+		t.Fatalf("device labels: %v %+v", err, d)
+	}
+}
+
+func enrolled(t *testing.T, s *Store, name string) ed25519.PublicKey {
+	t.Helper()
+	k := key(t)
+	if _, err := s.Enroll(t.Context(), controlplane.EnrollRequest{Token: mustToken(t, s, 1, time.Hour), PublicKey: k, Name: name}); err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func connectRegister(t *testing.T, s *Store, k ed25519.PublicKey, svcs ...controlplane.Service) (controlplane.ConnectResponse, []controlplane.Lease) {
+	t.Helper()
+	cr, err := s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: k, RelayID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: cr.DeviceID, Generation: cr.Generation, Services: svcs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cr, ls
+}
+
+func TestLeasesStickyAndUnique(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cp.db")
+	c := newClock()
+	s := mustOpen(t, path, c)
+	web := controlplane.Service{Name: "web", Proto: "http"}
+	ssh := controlplane.Service{Name: "ssh", Proto: "tcp"}
+	ka, kb := enrolled(t, s, "pi01"), enrolled(t, s, "pi02")
+	_, la := connectRegister(t, s, ka, web, ssh)
+	_, lb := connectRegister(t, s, kb, web, ssh)
+	if la[0].Hostname != "web-pi01" || lb[0].Hostname != "web-pi02" || la[1].Port != 20000 || lb[1].Port != 20001 {
+		t.Fatalf("leases: %+v %+v", la, lb)
+	}
+	// A hostname label that collides with an existing one gets a suffix.
+	kc := enrolled(t, s, "pi01-x")
+	_, lc := connectRegister(t, s, kc, web)
+	kd := enrolled(t, s, "x")
+	_, ld := connectRegister(t, s, kd, controlplane.Service{Name: "web-pi01", Proto: "http"})
+	if lc[0].Hostname != "web-pi01-x" || ld[0].Hostname != "web-pi01-x-2" {
+		t.Fatalf("colliding labels: %q and %q", lc[0].Hostname, ld[0].Hostname)
+	}
+	// Port range exhausted: a clear error.
+	_, err := s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: lc[0].DeviceID, Generation: 1,
+		Services: []controlplane.Service{{Name: "a", Proto: "tcp"}, {Name: "b", Proto: "tcp"}}})
+	wantKind(t, err, controlplane.KindConflict)
+
+	// Reopen the file: the same names come back to the same devices.
+	s.Close()
+	s = mustOpen(t, path, c)
+	_, la2 := connectRegister(t, s, ka, ssh, web)
+	if la2[0].Port != la[1].Port || la2[1].Hostname != la[0].Hostname {
+		t.Fatalf("leases not sticky: before %+v after %+v", la, la2)
+	}
+	l, err := s.Lookup(t.Context(), controlplane.LookupRequest{Hostname: "web-pi01"})
+	if err != nil || l.DeviceName != "pi01" || !l.Online || l.Relay != "r1" {
+		t.Fatalf("lookup: %v %+v", err, l)
+	}
+	_, err = s.Lookup(t.Context(), controlplane.LookupRequest{Hostname: "nope"})
+	wantKind(t, err, controlplane.KindNotFound)
+	all, _ := s.Leases(t.Context())
+	if len(all) != 6 {
+		t.Fatalf("got %d leases", len(all))
+	}
+}
+
+func TestSessionsGenerationsAndRevoke(t *testing.T) {
+	s := mustOpen(t, filepath.Join(t.TempDir(), "cp.db"), newClock())
+	ctx := t.Context()
+	k := enrolled(t, s, "pi01")
+	c1, _ := connectRegister(t, s, k)
+	c2, _ := connectRegister(t, s, k)
+	if c2.Generation != c1.Generation+1 {
+		t.Fatalf("generations %d then %d", c1.Generation, c2.Generation)
+	}
+	// The older session cannot register or disconnect the newer one.
+	_, err := s.Register(ctx, controlplane.RegisterRequest{DeviceID: c1.DeviceID, Generation: c1.Generation})
+	wantKind(t, err, controlplane.KindConflict)
+	s.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: c1.DeviceID, Generation: c1.Generation})
+	if d, _ := s.Device(ctx, "pi01"); !d.Online {
+		t.Fatal("stale disconnect took the new session offline")
+	}
+	if err := s.ResetRelay(ctx, "r1"); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := s.Device(ctx, "pi01"); d.Online {
+		t.Fatal("ResetRelay left the device online")
+	}
+	_, err = s.Connect(ctx, controlplane.ConnectRequest{PublicKey: key(t), RelayID: "r1"})
+	wantKind(t, err, controlplane.KindUnauthorized)
+	if _, err := s.Revoke(ctx, "pi01"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Connect(ctx, controlplane.ConnectRequest{PublicKey: k, RelayID: "r1"})
+	wantKind(t, err, controlplane.KindRevoked)
+	_, err = s.Revoke(ctx, "nobody")
+	wantKind(t, err, controlplane.KindNotFound)
+}
+
+func TestClonedKeyDetected(t *testing.T) {
+	c := newClock()
+	s := mustOpen(t, filepath.Join(t.TempDir(), "cp.db"), c)
+	k := enrolled(t, s, "pi01")
+	var err error
+	for i := 0; i < 10 && err == nil; i++ {
+		c.Add(2 * time.Second) // two agents taking over from each other every 2 s
+		_, err = s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: k, RelayID: "r1"})
+	}
+	wantKind(t, err, controlplane.KindConflict)
+	if d, _ := s.Device(t.Context(), "pi01"); !d.CloneSuspected {
+		t.Fatal("clone not reported on the device")
+	}
+	// A device that reconnects after its old session really ended is fine.
+	d, _ := s.Device(t.Context(), "pi01")
+	s.Disconnect(t.Context(), controlplane.DisconnectRequest{DeviceID: d.ID, Generation: d.Generation})
+	if _, err := s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: k, RelayID: "r1"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSecondOpenFailsFastWithClearError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cp.db")
+	mustOpen(t, path, newClock())
+	start := time.Now()
+	_, err := Open(Config{Path: path})
+	if err == nil || !strings.Contains(err.Error(), "locked by another process") {
+		t.Fatalf("got %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("second open took %v", d)
+	}
+}
+
+// TestKill9WhileWriting kills a child process that writes leases as fast as
+// it can, then checks the file opens cleanly with every acknowledged write.
+func TestKill9WhileWriting(t *testing.T) {
+	if os.Getenv("BOLTSTORE_CHILD") != "" {
+		childWriter(os.Getenv("BOLTSTORE_CHILD"))
+		return
+	}
+	path := filepath.Join(t.TempDir(), "cp.db")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKill9WhileWriting$")
+	cmd.Env = append(os.Environ(), "BOLTSTORE_CHILD="+path)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	acked := 0
+	for sc.Scan() && acked < 150 {
+		if n, err := strconv.Atoi(strings.TrimPrefix(sc.Text(), "acked ")); err == nil {
+			acked = n
+		}
+	}
+	cmd.Process.Kill() // SIGKILL while it keeps writing
+	cmd.Wait()
+	if acked < 150 {
+		t.Fatalf("child acknowledged only %d writes", acked)
+	}
+	s, err := Open(Config{Path: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Check(); err != nil {
+		t.Fatalf("consistency check: %v", err)
+	}
+	devices, err := s.Devices(context.Background())
+	if err != nil || len(devices) < acked {
+		t.Fatalf("%d devices after %d acknowledged enrollments: %v", len(devices), acked, err)
+	}
+	leases, _ := s.Leases(context.Background())
+	for _, l := range leases {
+		if l.Hostname != "web-"+l.DeviceName {
+			t.Fatalf("lease %+v does not match its device", l)
+		}
+	}
+}
+
+func childWriter(path string) {
+	s, err := Open(Config{Path: path})
+	if err != nil {
+		panic(err)
+	}
+	ctx := context.Background()
+	tok, _, _ := s.CreateToken(ctx, 1<<30, time.Hour, nil)
+	for i := 1; ; i++ {
+		k, _, _ := ed25519.GenerateKey(nil)
+		r, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: k, Name: fmt.Sprintf("dev%d", i)})
+		if err != nil {
+			panic(err)
+		}
+		cr, err := s.Connect(ctx, controlplane.ConnectRequest{PublicKey: k, RelayID: "r"})
+		if err != nil {
+			panic(err)
+		}
+		if _, err := s.Register(ctx, controlplane.RegisterRequest{DeviceID: r.DeviceID, Generation: cr.Generation,
+			Services: []controlplane.Service{{Name: "web", Proto: "http"}}}); err != nil {
+			panic(err)
+		}
+		fmt.Printf("acked %d\n", i)
+	}
+}

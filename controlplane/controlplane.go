@@ -1,0 +1,142 @@
+// Package controlplane is Tether's authority for identity and names: the
+// domain types (devices, enrollment tokens, leases), the errors, and the
+// messages that relays exchange with it over NATS.
+//
+// The adapters live in subpackages named after their technology: boltstore
+// keeps the state in bbolt, natsapi serves it to relays (and is the client
+// relays use), httpapi is the admin API behind tetherctl, and daemon wires
+// them into a running control plane.
+package controlplane
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// Device is an enrolled device.
+type Device struct {
+	ID           string            `json:"id"` // frames.DeviceID of the public key
+	Name         string            `json:"name"`
+	PublicKey    []byte            `json:"public_key"`
+	Labels       map[string]string `json:"labels,omitempty"` // from the enrollment token
+	Revoked      bool              `json:"revoked,omitempty"`
+	EnrolledAt   time.Time         `json:"enrolled_at"`
+	RevokedAt    time.Time         `json:"revoked_at,omitzero"`
+	TokenID      string            `json:"token_id,omitempty"` // the token that enrolled it
+	AgentVersion string            `json:"agent_version,omitempty"`
+	Services     []Service         `json:"services,omitempty"` // as last registered
+
+	// Presence.
+	Online      bool      `json:"online"`
+	Relay       string    `json:"relay,omitempty"`       // relay holding the newest session
+	Generation  uint64    `json:"generation"`            // of the newest session
+	ConnectedAt time.Time `json:"connected_at,omitzero"` // of the newest session
+	LastSeen    time.Time `json:"last_seen,omitzero"`
+
+	// CloneSuspected is set when two live agents keep taking the key's
+	// session from each other (an SD card image copied to many boards).
+	CloneSuspected bool    `json:"clone_suspected,omitempty"`
+	Takeovers      []int64 `json:"takeovers,omitempty"` // unix ms of recent takeovers of a live session
+}
+
+// Service is a service an agent registered.
+type Service struct {
+	Name  string `json:"name"`
+	Proto string `json:"proto"` // "http" or "tcp"
+}
+
+// Lease binds a public name (an HTTP hostname label or a TCP port) to one
+// service of one device. Leases are unique cluster-wide and sticky.
+type Lease struct {
+	Hostname   string    `json:"hostname,omitempty"` // DNS label, e.g. "web-pi01"; relays append their domain
+	Port       uint16    `json:"port,omitempty"`
+	DeviceID   string    `json:"device_id"`
+	DeviceName string    `json:"device"`
+	Service    string    `json:"service"`
+	Proto      string    `json:"proto"`
+	CreatedAt  time.Time `json:"created_at"`
+
+	// Filled in when leases are listed or looked up.
+	Relay      string `json:"relay,omitempty"`
+	Online     bool   `json:"online"`
+	Generation uint64 `json:"generation,omitempty"`
+}
+
+// Token is an enrollment token as stored: only its hash is kept.
+type Token struct {
+	ID        string            `json:"id"` // short public identifier, safe to log
+	Uses      int               `json:"uses"`
+	Used      int               `json:"used"`
+	ExpiresAt time.Time         `json:"expires_at"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	CreatedAt time.Time         `json:"created_at"`
+}
+
+// TokenPrefix starts every enrollment token so that secret scanners find leaked ones.
+const TokenPrefix = "tth_"
+
+// Protocols a service may use.
+const (
+	ProtoHTTP = "http"
+	ProtoTCP  = "tcp"
+)
+
+var (
+	nameRE    = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)
+	serviceRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$`)
+)
+
+// ValidDeviceName checks a device name: a DNS-safe slug of 1 to 40
+// characters (lowercase letters, digits, inner hyphens).
+func ValidDeviceName(name string) error {
+	if !nameRE.MatchString(name) {
+		return Errorf(KindInvalid, "device name %q is not a DNS-safe slug (1-40 of a-z, 0-9, inner '-')", name)
+	}
+	return nil
+}
+
+// ValidService checks a service's name (1 to 20 of a-z, 0-9, inner '-') and protocol.
+func ValidService(s Service) error {
+	if !serviceRE.MatchString(s.Name) {
+		return Errorf(KindInvalid, "service name %q is not a DNS-safe slug (1-20 of a-z, 0-9, inner '-')", s.Name)
+	}
+	if s.Proto != ProtoHTTP && s.Proto != ProtoTCP {
+		return Errorf(KindInvalid, "service %s: protocol %q is neither http nor tcp", s.Name, s.Proto)
+	}
+	return nil
+}
+
+// PortRange is an inclusive range of TCP ports for leases.
+type PortRange struct{ First, Last uint16 }
+
+// ParsePortRange parses "20000-29999".
+func ParsePortRange(s string) (PortRange, error) {
+	var r PortRange
+	if _, err := fmt.Sscanf(s, "%d-%d", &r.First, &r.Last); err != nil || r.First == 0 || r.Last < r.First {
+		return PortRange{}, fmt.Errorf("port range %q: want FIRST-LAST, e.g. 20000-29999", s)
+	}
+	return r, nil
+}
+
+func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.First, r.Last) }
+
+// Relays is the part of the control plane that relays use. boltstore
+// implements it in-process; natsapi.Client implements it over NATS.
+type Relays interface {
+	// Enroll registers a device's public key with an enrollment token.
+	Enroll(ctx context.Context, req EnrollRequest) (EnrollResponse, error)
+	// Connect authorises a new session of the device with the key and
+	// returns the device and the session's generation.
+	Connect(ctx context.Context, req ConnectRequest) (ConnectResponse, error)
+	// Register records the session's services and returns their leases.
+	Register(ctx context.Context, req RegisterRequest) ([]Lease, error)
+	// Disconnect ends a session; a newer session of the device is not affected.
+	Disconnect(ctx context.Context, req DisconnectRequest) error
+	// Lookup finds the lease of a hostname label or port.
+	Lookup(ctx context.Context, req LookupRequest) (Lease, error)
+	// ResetRelay marks every session held by a relay as ended (the relay
+	// restarted and holds none).
+	ResetRelay(ctx context.Context, relayID string) error
+}
