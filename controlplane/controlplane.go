@@ -50,7 +50,7 @@ type Service struct {
 // Lease binds a public name (an HTTP hostname label or a TCP port) to one
 // service of one device. Leases are unique cluster-wide and sticky.
 type Lease struct {
-	Hostname   string    `json:"hostname,omitempty"` // DNS label, e.g. "web-pi01"; relays append their domain
+	Hostname   string    `json:"hostname,omitempty"` // DNS label, e.g. "web-pi01"; relays append their domain, the admin API shows it with the domain
 	Port       uint16    `json:"port,omitempty"`
 	DeviceID   string    `json:"device_id"`
 	DeviceName string    `json:"device"`

@@ -24,8 +24,8 @@ const (
 // Error is a control-plane error whose message is safe to show to the
 // caller: it never contains a secret.
 type Error struct {
-	Kind    Kind
-	Message string
+	Kind    Kind   `json:"kind"`
+	Message string `json:"message"`
 }
 
 func (e *Error) Error() string { return e.Message }

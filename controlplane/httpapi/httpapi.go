@@ -1,0 +1,244 @@
+// Package httpapi is the control plane's admin HTTP API (behind a bearer
+// token) and the client that tetherctl uses to call it.
+//
+//	POST /v1/tokens                 {"uses":5,"ttl":"24h","labels":{"site":"lab"}} → {"token":"tth_…", …}
+//	GET  /v1/tokens                 → [Token]
+//	GET  /v1/devices                → [Device]
+//	GET  /v1/devices/{device}       → Device
+//	POST /v1/devices/{device}/revoke → Device
+//	GET  /v1/leases                 → [Lease]
+//
+// Errors are {"error": "…"} with the status of the error's kind.
+package httpapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/tetherfleet/tether/controlplane"
+)
+
+// Store is what the admin API needs of the control plane's state.
+type Store interface {
+	CreateToken(ctx context.Context, uses int, ttl time.Duration, labels map[string]string) (string, controlplane.Token, error)
+	Tokens(ctx context.Context) ([]controlplane.Token, error)
+	Devices(ctx context.Context) ([]controlplane.Device, error)
+	Device(ctx context.Context, nameOrID string) (controlplane.Device, error)
+	Leases(ctx context.Context) ([]controlplane.Lease, error)
+	Revoke(ctx context.Context, nameOrID string) (controlplane.Device, error)
+}
+
+// Config configures the admin API.
+type Config struct {
+	// Store holds the state. Required.
+	Store Store
+	// Token is the bearer token every request must carry. Required: an empty
+	// token refuses every request.
+	Token string
+	// Domain is appended to hostname labels in lease listings. Empty shows labels.
+	Domain string
+	// Revoked is called after a device was revoked, to cut it off
+	// cluster-wide. Nil means nobody is told.
+	Revoked func(controlplane.Device) error
+	// Logger receives failures; nil discards them.
+	Logger *slog.Logger
+}
+
+// CreateTokenRequest is the body of POST /v1/tokens.
+type CreateTokenRequest struct {
+	Uses   int               `json:"uses"`   // zero means 1
+	TTL    string            `json:"ttl"`    // Go duration; empty means 24h
+	Labels map[string]string `json:"labels"` // given to devices it enrolls
+}
+
+// CreateTokenResponse is the answer: the secret is shown only here.
+type CreateTokenResponse struct {
+	Secret string `json:"token"`
+	controlplane.Token
+}
+
+// Handler returns the admin API.
+func Handler(cfg Config) http.Handler {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	a := &api{cfg: cfg, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/tokens", a.createToken)
+	mux.HandleFunc("GET /v1/tokens", func(w http.ResponseWriter, r *http.Request) { a.reply(w, r)(cfg.Store.Tokens(r.Context())) })
+	mux.HandleFunc("GET /v1/devices", func(w http.ResponseWriter, r *http.Request) { a.reply(w, r)(cfg.Store.Devices(r.Context())) })
+	mux.HandleFunc("GET /v1/devices/{device}", func(w http.ResponseWriter, r *http.Request) {
+		a.reply(w, r)(cfg.Store.Device(r.Context(), r.PathValue("device")))
+	})
+	mux.HandleFunc("POST /v1/devices/{device}/revoke", a.revoke)
+	mux.HandleFunc("GET /v1/leases", a.leases)
+	return a.auth(mux)
+}
+
+type api struct {
+	cfg Config
+	log *slog.Logger
+}
+
+func (a *api) auth(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || a.cfg.Token == "" || subtle.ConstantTimeCompare([]byte(got), []byte(a.cfg.Token)) != 1 {
+			writeError(w, controlplane.Errorf(controlplane.KindUnauthorized, "missing or wrong admin token"))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// reply writes v as JSON, or err with its status.
+func (a *api) reply(w http.ResponseWriter, r *http.Request) func(v any, err error) {
+	return func(v any, err error) {
+		if err != nil {
+			if controlplane.KindOf(err) == controlplane.KindInternal {
+				a.log.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+			}
+			writeError(w, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(v)
+	}
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	kind := controlplane.KindOf(err)
+	msg := err.Error()
+	if kind == controlplane.KindInternal {
+		msg = "internal error"
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(kind.HTTPStatus())
+	json.NewEncoder(w).Encode(map[string]string{"error": msg})
+}
+
+func (a *api) createToken(w http.ResponseWriter, r *http.Request) {
+	var req CreateTokenRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&req); err != nil {
+		writeError(w, controlplane.Errorf(controlplane.KindInvalid, "decode request: %v", err))
+		return
+	}
+	if req.Uses == 0 {
+		req.Uses = 1
+	}
+	ttl := 24 * time.Hour
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil {
+			writeError(w, controlplane.Errorf(controlplane.KindInvalid, "ttl %q: %v", req.TTL, err))
+			return
+		}
+		ttl = d
+	}
+	secret, tok, err := a.cfg.Store.CreateToken(r.Context(), req.Uses, ttl, req.Labels)
+	if err == nil {
+		a.log.Info("enrollment token created", "token_id", tok.ID, "uses", tok.Uses, "expires", tok.ExpiresAt)
+	}
+	a.reply(w, r)(CreateTokenResponse{Secret: secret, Token: tok}, err)
+}
+
+func (a *api) revoke(w http.ResponseWriter, r *http.Request) {
+	d, err := a.cfg.Store.Revoke(r.Context(), r.PathValue("device"))
+	if err == nil {
+		a.log.Info("device revoked", "device", d.Name, "device_id", d.ID)
+		if a.cfg.Revoked != nil {
+			if nerr := a.cfg.Revoked(d); nerr != nil {
+				// Stored: the relays also refuse it at its next connect.
+				a.log.Error("tell relays about revocation", "device", d.Name, "err", nerr)
+			}
+		}
+	}
+	a.reply(w, r)(d, err)
+}
+
+func (a *api) leases(w http.ResponseWriter, r *http.Request) {
+	ls, err := a.cfg.Store.Leases(r.Context())
+	for i := range ls {
+		if ls[i].Hostname != "" && a.cfg.Domain != "" {
+			ls[i].Hostname += "." + a.cfg.Domain
+		}
+	}
+	a.reply(w, r)(ls, err)
+}
+
+// Client calls the admin API.
+type Client struct {
+	BaseURL string // e.g. http://127.0.0.1:7070
+	Token   string
+	HTTP    *http.Client // nil means http.DefaultClient
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	var b []byte
+	if body != nil {
+		var err error
+		if b, err = json.Marshal(body); err != nil {
+			return err
+		}
+	}
+	rd := bytes.NewReader(b)
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.BaseURL, "/")+path, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.Token)
+	req.Header.Set("Content-Type", "application/json")
+	hc := c.HTTP
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		json.NewDecoder(resp.Body).Decode(&e)
+		if e.Error == "" {
+			e.Error = resp.Status
+		}
+		return fmt.Errorf("%s %s: %s (HTTP %d)", method, path, e.Error, resp.StatusCode)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("%s %s: decode answer: %w", method, path, err)
+	}
+	return nil
+}
+
+// CreateToken creates an enrollment token.
+func (c *Client) CreateToken(ctx context.Context, req CreateTokenRequest) (CreateTokenResponse, error) {
+	var out CreateTokenResponse
+	return out, c.do(ctx, http.MethodPost, "/v1/tokens", req, &out)
+}
+
+// Devices lists devices.
+func (c *Client) Devices(ctx context.Context) ([]controlplane.Device, error) {
+	var out []controlplane.Device
+	return out, c.do(ctx, http.MethodGet, "/v1/devices", nil, &out)
+}
+
+// Leases lists leases.
+func (c *Client) Leases(ctx context.Context) ([]controlplane.Lease, error) {
+	var out []controlplane.Lease
+	return out, c.do(ctx, http.MethodGet, "/v1/leases", nil, &out)
+}
+
+// Revoke revokes a device by name or ID.
+func (c *Client) Revoke(ctx context.Context, device string) (controlplane.Device, error) {
+	var out controlplane.Device
+	return out, c.do(ctx, http.MethodPost, "/v1/devices/"+device+"/revoke", nil, &out)
+}
