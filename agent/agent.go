@@ -1,0 +1,383 @@
+package agent
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/splice"
+	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/xtaci/smux"
+)
+
+// Errors that end Run: retrying would not help.
+var (
+	// ErrRevoked means the operator revoked the device.
+	ErrRevoked = errors.New("device revoked by the operator: it will not reconnect (enroll it again with a new key to bring it back)")
+	// ErrUnauthorized means the relay does not know the device key.
+	ErrUnauthorized = errors.New("device key refused by the relay")
+)
+
+// Agent is a device agent.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	services map[string]Service
+
+	active atomic.Int32  // data streams open now
+	total  atomic.Uint64 // data streams served
+	wg     sync.WaitGroup
+}
+
+// New validates cfg and returns an agent.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, services: map[string]Service{}}
+	for _, s := range cfg.Services {
+		a.services[s.Name] = s
+	}
+	return a, nil
+}
+
+// Run enrolls the device if needed, then keeps a session to a relay until
+// ctx ends (returning nil) or the device is refused for good (ErrRevoked,
+// ErrUnauthorized, *EnrollError, ErrNotEnrolled). Network failures, also at
+// boot before the network is up, are retried for ever with backoff.
+func (a *Agent) Run(ctx context.Context) error {
+	defer a.wg.Wait()
+	id, err := a.loadIdentity(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	a.log.Info("agent starting", "device", id.Name, "device_id", id.DeviceID, "relays", a.cfg.RelayURLs)
+	bo := a.newBackoff()
+	var old *conn // a draining session kept until its successor is up
+	for attempt := 0; ctx.Err() == nil; attempt++ {
+		url := a.cfg.RelayURLs[attempt%len(a.cfg.RelayURLs)]
+		c, err := a.connect(ctx, id, url)
+		if old != nil && (err == nil || ctx.Err() != nil) {
+			old.close() // make before break: the new session is up
+			old = nil
+		}
+		if err == nil {
+			bo.reset()
+			err = c.serve(ctx)
+			var drain *drainError
+			if errors.As(err, &drain) {
+				if old != nil {
+					old.close()
+				}
+				old = c
+				a.log.Info("relay asked us to move", "relay", url, "reason", drain.Reason)
+				if err := sleepCtx(ctx, drain.wait()); err != nil {
+					break
+				}
+				continue
+			}
+			c.close()
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		switch {
+		case errors.Is(err, ErrRevoked):
+			a.log.Error("device revoked: stopping", "device", id.Name)
+			return ErrRevoked
+		case errors.Is(err, ErrUnauthorized):
+			a.log.Error("relay refused the device key: stopping", "device", id.Name, "err", err)
+			return err
+		}
+		wait := bo.next()
+		a.log.Warn("relay session ended; reconnecting", "relay", url, "err", err, "retry_in", wait)
+		if err := sleepCtx(ctx, wait); err != nil {
+			break
+		}
+	}
+	if old != nil {
+		old.close()
+	}
+	return nil
+}
+
+// conn is one session to a relay.
+type conn struct {
+	a      *Agent
+	relay  string
+	mux    *smux.Session
+	ctrl   *smux.Stream
+	wmu    sync.Mutex
+	leases []frames.Lease
+	once   sync.Once
+}
+
+// drainError ends serve when the relay asks the agent to move.
+type drainError struct{ *frames.Drain }
+
+func (d *drainError) Error() string { return "drain: " + d.Reason }
+
+// wait picks a random moment within the relay's window to reconnect.
+func (d *drainError) wait() time.Duration {
+	w := time.Duration(d.WithinMillis) * time.Millisecond / 2
+	if w <= 0 {
+		return 0
+	}
+	return (&backoff{base: w, max: w}).next()
+}
+
+// connect dials a relay and runs the handshake: hello, challenge, signed
+// auth, welcome, register, leases.
+func (a *Agent) connect(ctx context.Context, id *identity, url string) (*conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	mux, resp, err := wsmux.Dial(dctx, url, wsmux.DialOptions{
+		TLS: &tls.Config{RootCAs: a.cfg.RootCAs},
+		Mux: a.cfg.Mux,
+	})
+	if err != nil {
+		if resp != nil && resp.StatusCode == http.StatusUpgradeRequired {
+			return nil, fmt.Errorf("relay %s speaks another protocol version than this agent (%s): upgrade the agent", url, frames.Subprotocol)
+		}
+		return nil, err
+	}
+	c := &conn{a: a, relay: url, mux: mux}
+	if err := c.handshake(dctx, id); err != nil {
+		c.close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *conn) handshake(ctx context.Context, id *identity) error {
+	ctrl, err := c.mux.OpenStream()
+	if err != nil {
+		return fmt.Errorf("open control stream: %w", err)
+	}
+	c.ctrl = ctrl
+	deadline, _ := ctx.Deadline()
+	ctrl.SetDeadline(deadline)
+	defer ctrl.SetDeadline(time.Time{})
+	hb := uint32(c.a.cfg.HeartbeatInterval / time.Millisecond)
+	if err := c.write(&frames.Hello{PublicKey: id.pub, AgentVersion: c.a.cfg.Version, HeartbeatMillis: hb}); err != nil {
+		return fmt.Errorf("send hello: %w", err)
+	}
+	ch, err := readAs[*frames.Challenge](ctrl)
+	if err != nil {
+		return fmt.Errorf("read challenge: %w", err)
+	}
+	auth := &frames.Auth{}
+	copy(auth.Signature[:], ed25519.Sign(id.key, frames.AuthMessage(ch.Nonce, id.pub, ch.RelayID)))
+	if err := c.write(auth); err != nil {
+		return fmt.Errorf("send auth: %w", err)
+	}
+	w, err := readAs[*frames.Welcome](ctrl)
+	if err != nil {
+		return fmt.Errorf("read welcome: %w", err)
+	}
+	reg := &frames.Register{}
+	for _, s := range c.a.cfg.Services {
+		reg.Services = append(reg.Services, frames.Service{Name: s.Name, Proto: s.Proto})
+	}
+	if err := c.write(reg); err != nil {
+		return fmt.Errorf("send register: %w", err)
+	}
+	ls, err := readAs[*frames.Leases](ctrl)
+	if err != nil {
+		return fmt.Errorf("read leases: %w", err)
+	}
+	c.leases = ls.Leases
+	attrs := []any{"relay", c.relay, "device", w.DeviceName, "generation", w.Generation}
+	for _, l := range ls.Leases {
+		if l.Hostname != "" {
+			attrs = append(attrs, l.Service, l.Hostname)
+		} else {
+			attrs = append(attrs, l.Service, fmt.Sprintf("port %d", l.Port))
+		}
+	}
+	c.a.log.Info("connected to relay", attrs...)
+	if c.a.cfg.OnLeases != nil {
+		c.a.cfg.OnLeases(ls.Leases)
+	}
+	return nil
+}
+
+// readAs reads the next known frame; an error frame from the relay becomes
+// the matching Go error.
+func readAs[T frames.Message](r net.Conn) (T, error) {
+	var zero T
+	for {
+		m, err := frames.Read(r, 0)
+		if err != nil {
+			return zero, err
+		}
+		switch m := m.(type) {
+		case T:
+			return m, nil
+		case *frames.Unknown:
+			continue
+		case *frames.Error:
+			return zero, relayError(m)
+		default:
+			return zero, fmt.Errorf("unexpected %v frame", m.Type())
+		}
+	}
+}
+
+func relayError(e *frames.Error) error {
+	switch e.Code {
+	case frames.CodeRevoked:
+		return fmt.Errorf("%w (%s)", ErrRevoked, e.Message)
+	case frames.CodeUnauthorized:
+		return fmt.Errorf("%w: %s", ErrUnauthorized, e.Message)
+	}
+	return fmt.Errorf("relay: %w", e)
+}
+
+func (c *conn) write(m frames.Message) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.ctrl.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	defer c.ctrl.SetWriteDeadline(time.Time{})
+	return frames.Write(c.ctrl, m)
+}
+
+// serve runs the session: it accepts data streams, sends heartbeats, and
+// reads the control stream, declaring the relay dead after three intervals
+// without any frame from it. It returns *drainError when asked to move.
+func (c *conn) serve(ctx context.Context) error {
+	a := c.a
+	stop := context.AfterFunc(ctx, c.close)
+	defer stop()
+	a.wg.Go(c.acceptStreams)
+	hbDone := make(chan struct{})
+	defer close(hbDone)
+	a.wg.Go(func() { c.heartbeats(hbDone) })
+	interval := a.cfg.HeartbeatInterval
+	for {
+		c.ctrl.SetReadDeadline(time.Now().Add(3 * interval))
+		m, err := frames.Read(c.ctrl, 0)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return fmt.Errorf("relay silent for %v: declared dead", 3*interval)
+			}
+			return fmt.Errorf("control stream: %w", err)
+		}
+		switch m := m.(type) {
+		case *frames.HeartbeatAck, *frames.Unknown:
+		case *frames.Leases:
+			c.leases = m.Leases
+			if a.cfg.OnLeases != nil {
+				a.cfg.OnLeases(m.Leases)
+			}
+		case *frames.Drain:
+			return &drainError{m}
+		case *frames.Error:
+			return relayError(m)
+		default:
+			return fmt.Errorf("unexpected %v frame from relay", m.Type())
+		}
+	}
+}
+
+func (c *conn) heartbeats(done <-chan struct{}) {
+	t := time.NewTicker(c.a.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for seq := uint64(1); ; seq++ {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		hb := &frames.Heartbeat{Seq: seq, ActiveStreams: uint32(c.a.active.Load()), TotalStreams: c.a.total.Load()}
+		if err := c.write(hb); err != nil {
+			c.close() // the reader sees the closed session and reconnects
+			return
+		}
+	}
+}
+
+func (c *conn) close() {
+	c.once.Do(func() { c.mux.Close() })
+}
+
+// acceptStreams serves the relay's data streams until the session closes.
+func (c *conn) acceptStreams() {
+	for {
+		st, err := c.mux.AcceptStream()
+		if err != nil {
+			return
+		}
+		c.a.wg.Go(func() { c.a.serveStream(st) })
+	}
+}
+
+// serveStream reads a stream's header, dials the named local service
+// (only a registered one), answers, and splices.
+func (a *Agent) serveStream(st *smux.Stream) {
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	m, err := frames.Read(st, 4096)
+	st.SetReadDeadline(time.Time{})
+	open, ok := m.(*frames.StreamOpen)
+	if err != nil || !ok {
+		st.Close()
+		return
+	}
+	refuse := func(code frames.ErrorCode, msg string) {
+		st.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		frames.Write(st, &frames.StreamRefuse{Code: code, Message: msg})
+		st.Close()
+	}
+	svc, ok := a.services[open.Service]
+	if !ok {
+		refuse(frames.CodeUnknownService, "no service named "+open.Service)
+		return
+	}
+	if int(a.active.Add(1)) > a.cfg.MaxStreams {
+		a.active.Add(-1)
+		refuse(frames.CodeTooManyStreams, "agent stream limit reached")
+		return
+	}
+	defer a.active.Add(-1)
+	a.total.Add(1)
+	local, err := net.DialTimeout("tcp", svc.Addr, a.cfg.DialTimeout)
+	if err != nil {
+		a.log.Warn("local service unreachable", "service", svc.Name, "addr", svc.Addr, "err", err)
+		refuse(frames.CodeDialFailed, dialReason(err))
+		return
+	}
+	if err := frames.Write(st, &frames.StreamAccept{}); err != nil {
+		local.Close()
+		st.Close()
+		return
+	}
+	splice.Splice(st, local)
+}
+
+// dialReason describes a local dial failure without revealing the local
+// address to the public.
+func dialReason(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timed out"
+	default:
+		return "unreachable"
+	}
+}

@@ -1,0 +1,206 @@
+// Package agent is the Tether device agent: it enrolls the device's key,
+// holds one outbound session to a relay (WebSocket + smux), registers the
+// device's local services, keeps the session alive with heartbeats, and
+// serves the streams the relay opens by dialling only those services.
+package agent
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/wsmux"
+)
+
+// Config configures an agent. Zero values of optional fields mean the
+// documented defaults.
+type Config struct {
+	// RelayURLs are the relays to connect to, tried in turn
+	// (wss://relay.example.com). Required.
+	RelayURLs []string
+	// EnrollToken enrolls the device's new key on first start. Empty is
+	// fine once the device is enrolled.
+	EnrollToken string
+	// StateDir keeps the device key (mode 0600) and enrollment record. Required.
+	StateDir string
+	// DeviceName is the name requested at enrollment. Empty means the
+	// hostname, made DNS-safe; on a clash the control plane then adds a suffix.
+	DeviceName string
+	// Services are the local services to publish. Required.
+	Services []Service
+	// RootCAs verifies the relay's certificate. Nil means the system roots.
+	RootCAs *x509.CertPool
+	// HeartbeatInterval is the period of heartbeats; the relay is declared
+	// dead after three intervals without an answer. Zero means 15s.
+	HeartbeatInterval time.Duration
+	// BackoffMax caps the wait between reconnects. Zero means 30s.
+	BackoffMax time.Duration
+	// MaxStreams caps concurrent streams. Zero means 1024.
+	MaxStreams int
+	// DialTimeout bounds dialling a local service. Zero means 5s.
+	DialTimeout time.Duration
+	// Version is reported to the relay.
+	Version string
+	// Mux tunes the smux session.
+	Mux wsmux.Config
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// OnLeases, if set, is called with the public names of the services
+	// whenever the relay assigns them.
+	OnLeases func([]frames.Lease)
+}
+
+// Service is a local service the agent publishes.
+type Service struct {
+	Name  string // DNS-safe name, e.g. "web"
+	Proto string // "http" or "tcp"
+	Addr  string // local host:port, e.g. "127.0.0.1:8080"
+}
+
+var serviceName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$`)
+
+// ParseServices parses "web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22".
+// An error names the entry that does not parse.
+func ParseServices(s string) ([]Service, error) {
+	var out []Service
+	seen := map[string]bool{}
+	for entry := range strings.SplitSeq(s, ",") {
+		entry = strings.TrimSpace(entry)
+		if entry == "" {
+			continue
+		}
+		svc, err := parseService(entry)
+		if err != nil {
+			return nil, fmt.Errorf("service %q: %w", entry, err)
+		}
+		if seen[svc.Name] {
+			return nil, fmt.Errorf("service %q: name %s is used twice", entry, svc.Name)
+		}
+		seen[svc.Name] = true
+		out = append(out, svc)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no services: set e.g. web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22")
+	}
+	if len(out) > frames.MaxServices {
+		return nil, fmt.Errorf("%d services; at most %d", len(out), frames.MaxServices)
+	}
+	return out, nil
+}
+
+func parseService(entry string) (Service, error) {
+	name, rawURL, ok := strings.Cut(entry, "=")
+	if !ok {
+		return Service{}, errors.New("want NAME=PROTO://HOST:PORT")
+	}
+	if !serviceName.MatchString(name) {
+		return Service{}, fmt.Errorf("name %q must be 1-20 of a-z, 0-9 and inner '-'", name)
+	}
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return Service{}, err
+	}
+	if u.Scheme != "http" && u.Scheme != "tcp" {
+		return Service{}, fmt.Errorf("protocol %q: want http:// or tcp://", u.Scheme)
+	}
+	if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.User != nil {
+		return Service{}, errors.New("want only PROTO://HOST:PORT, no path, query or user")
+	}
+	host, port, err := net.SplitHostPort(u.Host)
+	if err != nil || host == "" || port == "" {
+		return Service{}, fmt.Errorf("address %q: want HOST:PORT", u.Host)
+	}
+	return Service{Name: name, Proto: u.Scheme, Addr: u.Host}, nil
+}
+
+// DefaultDeviceName makes the hostname a DNS-safe device name.
+func DefaultDeviceName() string {
+	h, _ := os.Hostname()
+	return slug(h)
+}
+
+func slug(s string) string {
+	s, _, _ = strings.Cut(strings.ToLower(s), ".")
+	var b strings.Builder
+	for _, r := range s {
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
+			b.WriteRune(r)
+		} else if b.Len() > 0 && !strings.HasSuffix(b.String(), "-") {
+			b.WriteByte('-')
+		}
+	}
+	out := strings.Trim(b.String(), "-")
+	if len(out) > 40 {
+		out = strings.TrimRight(out[:40], "-")
+	}
+	if out == "" {
+		return "device"
+	}
+	return out
+}
+
+func (c *Config) setDefaults() error {
+	if len(c.RelayURLs) == 0 {
+		return errors.New("agent: no relay URL (TETHER_RELAY_URL)")
+	}
+	for i, u := range c.RelayURLs {
+		cu, err := connectURL(u)
+		if err != nil {
+			return err
+		}
+		c.RelayURLs[i] = cu
+	}
+	if c.StateDir == "" {
+		return errors.New("agent: no state dir (TETHER_STATE_DIR)")
+	}
+	if len(c.Services) == 0 {
+		return errors.New("agent: no services (TETHER_SERVICES)")
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = 15 * time.Second
+	}
+	if c.HeartbeatInterval < time.Second {
+		return fmt.Errorf("agent: heartbeat interval %v is below 1s", c.HeartbeatInterval)
+	}
+	if c.BackoffMax <= 0 {
+		c.BackoffMax = 30 * time.Second
+	}
+	if c.MaxStreams <= 0 {
+		c.MaxStreams = 1024
+	}
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = 5 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c.Mux.Verify()
+}
+
+// connectURL turns wss://host[:port][/] into the relay's session URL.
+func connectURL(raw string) (string, error) {
+	u, err := url.Parse(strings.TrimSpace(raw))
+	if err != nil || (u.Scheme != "wss" && u.Scheme != "ws") || u.Host == "" {
+		return "", fmt.Errorf("agent: relay URL %q: want wss://HOST[:PORT]", raw)
+	}
+	if u.Path == "" || u.Path == "/" {
+		u.Path = frames.ConnectPath
+	}
+	return u.String(), nil
+}
+
+// enrollURL is the https:// enrollment endpoint of a relay's session URL.
+func enrollURL(connect string) string {
+	u, _ := url.Parse(connect)
+	u.Scheme = map[string]string{"wss": "https", "ws": "http"}[u.Scheme]
+	u.Path = frames.EnrollPath
+	return u.String()
+}

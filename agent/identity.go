@@ -1,0 +1,207 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/tetherfleet/tether/frames"
+)
+
+// identity is the device's key and enrollment record.
+type identity struct {
+	key      ed25519.PrivateKey
+	pub      [32]byte
+	DeviceID string `json:"device_id"`
+	Name     string `json:"name"`
+}
+
+const (
+	keyFile    = "device.key"  // PKCS#8 PEM, mode 0600
+	recordFile = "device.json" // {"device_id", "name"} once enrolled
+)
+
+// EnrollError is a refusal of enrollment by the relay: retrying with the
+// same token would not help.
+type EnrollError struct {
+	Status  int
+	Message string
+}
+
+func (e *EnrollError) Error() string {
+	return fmt.Sprintf("enrollment refused (HTTP %d): %s", e.Status, e.Message)
+}
+
+// ErrNotEnrolled means the device has no enrollment and no token to get one.
+var ErrNotEnrolled = errors.New("device is not enrolled: set TETHER_ENROLL_TOKEN for its first start")
+
+// loadIdentity returns the enrolled identity in the state dir, enrolling
+// with the token first if needed. Network failures are retried with
+// backoff until ctx ends; a refusal is returned at once.
+func (a *Agent) loadIdentity(ctx context.Context) (*identity, error) {
+	dir := a.cfg.StateDir
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state dir: %w", err)
+	}
+	id, err := loadOrCreateKey(filepath.Join(dir, keyFile))
+	if err != nil {
+		return nil, err
+	}
+	rec, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if err == nil {
+		if err := json.Unmarshal(rec, id); err != nil {
+			return nil, fmt.Errorf("read %s: %w", recordFile, err)
+		}
+		if id.DeviceID != frames.DeviceID(id.pub[:]) {
+			return nil, fmt.Errorf("%s belongs to another key (%s); remove it to enroll again", recordFile, id.DeviceID)
+		}
+		return id, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("read enrollment record: %w", err)
+	}
+	if a.cfg.EnrollToken == "" {
+		return nil, ErrNotEnrolled
+	}
+	name, isDefault := a.cfg.DeviceName, false
+	if name == "" {
+		name, isDefault = DefaultDeviceName(), true
+	}
+	req := frames.EnrollRequest{Token: a.cfg.EnrollToken, PublicKey: id.pub[:], Name: name, NameIsDefault: isDefault, AgentVersion: a.cfg.Version}
+	bo := a.newBackoff()
+	for attempt := 0; ; attempt++ {
+		url := enrollURL(a.cfg.RelayURLs[attempt%len(a.cfg.RelayURLs)])
+		resp, err := a.enroll(ctx, url, req)
+		var refused *EnrollError
+		if errors.As(err, &refused) {
+			return nil, err
+		}
+		if err == nil {
+			id.DeviceID, id.Name = resp.DeviceID, resp.Name
+			data, _ := json.MarshalIndent(id, "", "  ")
+			if err := writeFileAtomic(filepath.Join(dir, recordFile), data, 0o600); err != nil {
+				return nil, fmt.Errorf("save enrollment record: %w", err)
+			}
+			a.log.Info("device enrolled", "device", id.Name, "device_id", id.DeviceID)
+			return id, nil
+		}
+		wait := bo.next()
+		a.log.Warn("enrollment failed; retrying", "relay", url, "err", err, "retry_in", wait)
+		if err := sleepCtx(ctx, wait); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func (a *Agent) enroll(ctx context.Context, url string, req frames.EnrollRequest) (frames.EnrollResponse, error) {
+	var out frames.EnrollResponse
+	body, _ := json.Marshal(req)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return out, err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	hc := &http.Client{Transport: &http.Transport{Proxy: http.ProxyFromEnvironment, TLSClientConfig: &tls.Config{RootCAs: a.cfg.RootCAs}}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Do(hr)
+	if err != nil {
+		return out, err
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		var e frames.HTTPError
+		json.Unmarshal(data, &e)
+		if e.Error == "" {
+			e.Error = http.StatusText(resp.StatusCode)
+		}
+		if resp.StatusCode >= 400 && resp.StatusCode < 500 && resp.StatusCode != http.StatusTooManyRequests {
+			return out, &EnrollError{Status: resp.StatusCode, Message: e.Error}
+		}
+		return out, fmt.Errorf("relay answered HTTP %d: %s", resp.StatusCode, e.Error)
+	}
+	if err := json.Unmarshal(data, &out); err != nil {
+		return out, fmt.Errorf("decode enrollment answer: %w", err)
+	}
+	return out, nil
+}
+
+// loadOrCreateKey loads the device key, generating it (mode 0600) on first use.
+func loadOrCreateKey(path string) (*identity, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		_, priv, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(priv)
+		if err != nil {
+			return nil, err
+		}
+		data = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+		if err := writeFileAtomic(path, data, 0o600); err != nil {
+			return nil, fmt.Errorf("save device key: %w", err)
+		}
+	} else if err != nil {
+		return nil, fmt.Errorf("read device key: %w", err)
+	}
+	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("device key %s is readable by others (mode %v); chmod 600 it", path, fi.Mode().Perm())
+	}
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, fmt.Errorf("device key %s is not PEM", path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("parse device key %s: %w", path, err)
+	}
+	priv, ok := k.(ed25519.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("device key %s is not ed25519", path)
+	}
+	id := &identity{key: priv}
+	copy(id.pub[:], priv.Public().(ed25519.PublicKey))
+	return id, nil
+}
+
+// writeFileAtomic writes data to a temporary file, syncs it and renames it
+// over path, so a crash leaves the old file or the new one, never half.
+func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if err := f.Chmod(perm); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}

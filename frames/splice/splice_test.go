@@ -1,0 +1,76 @@
+package splice_test
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"testing"
+
+	"github.com/tetherfleet/tether/frames/splice"
+)
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// TestHalfClose: the client sends a request and half-closes; the server
+// reads to EOF and only then answers; the answer must arrive whole.
+func TestHalfClose(t *testing.T) {
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	done := make(chan splice.Result, 1)
+	go func() { done <- splice.Splice(a, b) }()
+
+	req := bytes.Repeat([]byte("q"), 1<<20)
+	go func() {
+		client.Write(req)
+		client.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(server)
+	if err != nil || !bytes.Equal(got, req) {
+		t.Fatalf("server read %d bytes, err %v", len(got), err)
+	}
+	answer := bytes.Repeat([]byte("a"), 3<<20)
+	go func() {
+		server.Write(answer)
+		server.Close()
+	}()
+	back, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(back, answer) {
+		t.Fatalf("client read %d bytes, err %v", len(back), err)
+	}
+	r := <-done
+	if r.Err != nil || r.AToB != int64(len(req)) || r.BToA != int64(len(answer)) {
+		t.Fatalf("result %+v", r)
+	}
+}
+
+// TestResetEndsBoth: when one side dies, the other is closed too.
+func TestResetEndsBoth(t *testing.T) {
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	done := make(chan splice.Result, 1)
+	go func() { done <- splice.Splice(a, b) }()
+	server.(*net.TCPConn).SetLinger(0)
+	server.Close() // RST
+	if _, err := io.ReadAll(client); err != nil {
+		t.Logf("client saw %v", err)
+	}
+	<-done
+}

@@ -1,0 +1,249 @@
+// Package relay is Tether's public edge: it accepts agent sessions on
+// /_tether/connect, enrolls devices on /_tether/enroll, and routes public
+// HTTP by Host and public TCP by port to the agent's streams.
+//
+// # Shape
+//
+// A Server holds a registry of live agent sessions (newest generation per
+// device wins), the HTTP reverse proxy whose transport opens smux streams,
+// and one listener per TCP lease it serves. The control plane is reached
+// only through the ControlPlane interface (NATS in production). Shutdown
+// drains: agents are told to move, spread over a window, before their
+// sessions close.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/wsmux"
+)
+
+// ControlPlane is what a relay needs of the control plane.
+type ControlPlane interface {
+	controlplane.Relays
+	// Watch calls fn for every device event until ctx ends.
+	Watch(ctx context.Context, fn func(controlplane.DeviceEvent)) error
+}
+
+// Config configures a relay. Zero values of optional fields mean the
+// documented defaults.
+type Config struct {
+	// RelayID is this relay's name in the cluster. Required.
+	RelayID string
+	// Domain is the base domain of service hostnames. Empty means "localhost".
+	Domain string
+	// ControlPlane authorises sessions and allocates leases. Required.
+	ControlPlane ControlPlane
+	// TCPHost is the address TCP lease listeners bind to. Empty means all
+	// interfaces.
+	TCPHost string
+	// MaxStreamsPerSession caps concurrent public connections to one
+	// device. Zero means 1024.
+	MaxStreamsPerSession int
+	// MaxIdleStreams is how many idle HTTP streams are kept per device for
+	// reuse. Zero means 256.
+	MaxIdleStreams int
+	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
+	HandshakeTimeout time.Duration
+	// DrainWindow is the time over which Shutdown spreads drain notices.
+	// Zero means 5s.
+	DrainWindow time.Duration
+	// Mux tunes the smux sessions.
+	Mux wsmux.Config
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// Registerer receives the relay's metrics; nil registers nowhere.
+	Registerer prometheus.Registerer
+}
+
+// Server is a relay.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	cp      ControlPlane
+	metrics *metrics
+	reg     *registry
+	proxy   http.Handler
+
+	ctx    context.Context // ends at Shutdown's end; bounds sessions and listeners
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // sessions and TCP accept loops
+
+	mu       sync.Mutex
+	draining bool
+}
+
+// New validates cfg and returns a relay. Call Start before serving.
+func New(cfg Config) (*Server, error) {
+	if cfg.RelayID == "" {
+		return nil, errors.New("relay: RelayID is required")
+	}
+	if cfg.ControlPlane == nil {
+		return nil, errors.New("relay: ControlPlane is required")
+	}
+	if err := cfg.Mux.Verify(); err != nil {
+		return nil, fmt.Errorf("relay: %w", err)
+	}
+	cfg.Domain = strings.ToLower(strings.TrimSuffix(cmpOr(cfg.Domain, "localhost"), "."))
+	cfg.MaxStreamsPerSession = cmpOr(cfg.MaxStreamsPerSession, 1024)
+	cfg.MaxIdleStreams = cmpOr(cfg.MaxIdleStreams, 256)
+	cfg.HandshakeTimeout = cmpOr(cfg.HandshakeTimeout, 10*time.Second)
+	cfg.DrainWindow = cmpOr(cfg.DrainWindow, 5*time.Second)
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, metrics: newMetrics(cfg.Registerer)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.reg = newRegistry(s)
+	s.proxy = s.newProxy()
+	return s, nil
+}
+
+func cmpOr[T comparable](v, def T) T {
+	var zero T
+	if v != zero {
+		return v
+	}
+	return def
+}
+
+// Start tells the control plane that this relay holds no sessions (it may
+// have restarted) and subscribes to device events.
+func (s *Server) Start(ctx context.Context) error {
+	if err := s.cp.ResetRelay(ctx, s.cfg.RelayID); err != nil {
+		return fmt.Errorf("reset presence of relay %s: %w", s.cfg.RelayID, err)
+	}
+	if err := s.cp.Watch(s.ctx, s.onEvent); err != nil {
+		return fmt.Errorf("watch device events: %w", err)
+	}
+	return nil
+}
+
+func (s *Server) onEvent(ev controlplane.DeviceEvent) {
+	sess := s.reg.session(ev.DeviceID)
+	if sess == nil {
+		return
+	}
+	switch ev.Kind {
+	case controlplane.EventRevoked:
+		s.log.Info("cutting off revoked device", "device", sess.name)
+		sess.fail(frames.CodeRevoked, "device revoked by the operator")
+	case controlplane.EventSession:
+		if ev.Generation > sess.gen {
+			sess.fail(frames.CodeSuperseded, fmt.Sprintf("session %d superseded by session %d on relay %s", sess.gen, ev.Generation, ev.RelayID))
+		}
+	}
+}
+
+// Handler serves the relay's HTTPS listener: the agent endpoints and
+// public HTTPS.
+func (s *Server) Handler() http.Handler { return s.handler("https", true) }
+
+// PublicHTTPHandler serves the plain-HTTP listener: public HTTP only.
+func (s *Server) PublicHTTPHandler() http.Handler { return s.handler("http", false) }
+
+func (s *Server) handler(scheme string, agents bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		label, under := s.label(r.Host)
+		if agents && !under {
+			switch r.URL.Path {
+			case frames.ConnectPath:
+				s.serveAgent(w, r)
+				return
+			case frames.EnrollPath:
+				s.serveEnroll(w, r)
+				return
+			}
+		}
+		s.servePublic(w, r, scheme, label, under)
+	})
+}
+
+// label returns the first label of host when host is a direct subdomain
+// of the relay's domain.
+func (s *Server) label(host string) (string, bool) {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	label, ok := strings.CutSuffix(host, "."+s.cfg.Domain)
+	if !ok || label == "" || strings.Contains(label, ".") {
+		return "", false
+	}
+	return label, true
+}
+
+// Hostname returns the public hostname of a lease label.
+func (s *Server) Hostname(label string) string { return label + "." + s.cfg.Domain }
+
+func (s *Server) isDraining() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.draining
+}
+
+// Shutdown drains the relay: it refuses new agent sessions, tells every
+// agent to move (the notices spread over DrainWindow, so agents do not all
+// reconnect at once), closes the sessions still open at the end of the
+// window or when ctx ends, closes the TCP listeners and waits for all of
+// it. http.Server.Shutdown does not wait for the hijacked agent connections;
+// this does.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	already := s.draining
+	s.draining = true
+	s.mu.Unlock()
+	if !already {
+		sessions := s.reg.all()
+		s.log.Info("draining relay", "sessions", len(sessions), "window", s.cfg.DrainWindow)
+		window, cancel := context.WithTimeout(ctx, s.cfg.DrainWindow)
+		for i, sess := range sessions {
+			at := time.Duration(int64(s.cfg.DrainWindow) * int64(i) / int64(len(sessions)))
+			sess.drainAfter(window, at, s.cfg.DrainWindow-at)
+		}
+		// Wait until every agent has moved or the window ends.
+		for n, changed := s.reg.changes(); n > 0; n, changed = s.reg.changes() {
+			select {
+			case <-changed:
+				continue
+			case <-window.Done():
+			}
+			break
+		}
+		cancel()
+	}
+	s.cancel() // closes every session and TCP listener
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("relay shutdown: %w", ctx.Err())
+	}
+}
+
+// Close stops the relay at once.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.draining = true
+	s.mu.Unlock()
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}
+
+// Sessions is the number of live agent sessions.
+func (s *Server) Sessions() int { return len(s.reg.all()) }

@@ -1,0 +1,326 @@
+// Package relaytest runs a complete Tether server in-process for tests and
+// benchmarks: an embedded NATS server, a control plane on bbolt in a temp
+// dir, and a relay on loopback listeners with a dev CA.
+package relaytest
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/tetherfleet/tether/agent"
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/daemon"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
+	"github.com/tetherfleet/tether/controlplane/natsembed"
+	"github.com/tetherfleet/tether/relay"
+	"github.com/tetherfleet/tether/relay/devca"
+)
+
+// Options tune an Env. The zero value is fine.
+type Options struct {
+	// RelayConfig is applied to the relay's config before it starts.
+	RelayConfig func(*relay.Config)
+	// Logger; nil logs to the test's output.
+	Logger *slog.Logger
+}
+
+// Env is a running Tether server.
+type Env struct {
+	T        testing.TB
+	DataDir  string
+	Domain   string
+	CA       *devca.CA
+	TCPPorts controlplane.PortRange
+	NATS     *natsembed.Server
+	CP       *daemon.Daemon
+	Relay    *relay.Server
+	Logger   *slog.Logger
+
+	opts      Options
+	cpNC      *nats.Conn
+	relayNC   *nats.Conn
+	httpsAddr string
+	httpAddr  string
+	servers   []*http.Server
+}
+
+// Start starts a server and registers its shutdown with t.Cleanup.
+func Start(t testing.TB, opts Options) *Env {
+	t.Helper()
+	e := &Env{T: t, DataDir: t.TempDir(), Domain: "localhost", opts: opts, Logger: opts.Logger}
+	if e.Logger == nil {
+		e.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	e.TCPPorts = FreePortRange(t, 16)
+	var err error
+	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
+		t.Fatal(err)
+	}
+	if e.NATS, err = natsembed.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.NATS.Shutdown)
+	if e.cpNC, err = e.NATS.Connect("controlplane"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.cpNC.Close)
+	e.CP, err = daemon.Start(context.Background(), e.cpNC, daemon.Config{
+		DataDir: e.DataDir, TCPPorts: e.TCPPorts, Domain: e.Domain, Logger: e.Logger.With("component", "controlplane"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.CP.Close() })
+	e.httpsAddr, e.httpAddr = "127.0.0.1:0", "127.0.0.1:0"
+	e.StartRelay()
+	t.Cleanup(e.StopRelay)
+	return e
+}
+
+// StartRelay starts the relay (again) on the same addresses.
+func (e *Env) StartRelay() {
+	t := e.T
+	t.Helper()
+	var err error
+	if e.relayNC, err = e.NATS.Connect("relay"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := relay.Config{
+		RelayID:          "relay-test",
+		Domain:           e.Domain,
+		ControlPlane:     &natsapi.Client{NC: e.relayNC},
+		TCPHost:          "127.0.0.1",
+		HandshakeTimeout: 5 * time.Second,
+		DrainWindow:      time.Second,
+		Logger:           e.Logger.With("component", "relay"),
+	}
+	if e.opts.RelayConfig != nil {
+		e.opts.RelayConfig(&cfg)
+	}
+	if e.Relay, err = relay.New(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Relay.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	cert, err := e.CA.ServerCert([]string{"localhost", "*." + e.Domain, "127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	https := e.listen(&e.httpsAddr)
+	http1 := e.listen(&e.httpAddr)
+	hs := &http.Server{Handler: e.Relay.Handler(), TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
+	ps := &http.Server{Handler: e.Relay.PublicHTTPHandler(), ErrorLog: hs.ErrorLog}
+	e.servers = []*http.Server{hs, ps}
+	go hs.ServeTLS(https, "", "")
+	go ps.Serve(http1)
+}
+
+func (e *Env) listen(addr *string) net.Listener {
+	var ln net.Listener
+	var err error
+	// The port of a just-closed listener can take a moment to be free again.
+	for range 50 {
+		if ln, err = net.Listen("tcp", *addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	*addr = ln.Addr().String()
+	return ln
+}
+
+// StopRelay drains and stops the relay and its listeners.
+func (e *Env) StopRelay() {
+	if e.Relay == nil {
+		return
+	}
+	for _, s := range e.servers {
+		s.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.Relay.Shutdown(ctx); err != nil {
+		e.T.Errorf("relay shutdown: %v", err)
+	}
+	e.relayNC.Close()
+	e.Relay = nil
+}
+
+// KillRelay stops the relay at once, without draining (a crash).
+func (e *Env) KillRelay() {
+	for _, s := range e.servers {
+		s.Close()
+	}
+	e.Relay.Close()
+	e.relayNC.Close()
+	e.Relay = nil
+}
+
+// RelayURL is the wss:// URL agents connect to.
+func (e *Env) RelayURL() string { return "wss://" + e.httpsAddr }
+
+// HTTPSAddr and HTTPAddr are the relay's listener addresses.
+func (e *Env) HTTPSAddr() string { return e.httpsAddr }
+func (e *Env) HTTPAddr() string  { return e.httpAddr }
+
+// Token creates an enrollment token.
+func (e *Env) Token(uses int) string {
+	tok, _, err := e.CP.Store.CreateToken(context.Background(), uses, time.Hour, map[string]string{"env": "test"})
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	return tok
+}
+
+// AgentConfig returns an agent config for this server; the state dir is new
+// unless given.
+func (e *Env) AgentConfig(stateDir, name, token string, services ...agent.Service) agent.Config {
+	if stateDir == "" {
+		stateDir = e.T.TempDir()
+	}
+	return agent.Config{
+		RelayURLs:         []string{e.RelayURL()},
+		EnrollToken:       token,
+		StateDir:          stateDir,
+		DeviceName:        name,
+		Services:          services,
+		RootCAs:           e.CA.Pool(),
+		HeartbeatInterval: time.Second,
+		BackoffMax:        500 * time.Millisecond,
+		Version:           "test",
+		Logger:            e.Logger.With("component", "agent", "name", name),
+	}
+}
+
+// Client returns an HTTP client that trusts the dev CA and sends every
+// request to the relay, whatever the URL's host (as DNS for *.localhost would).
+func (e *Env) Client() *http.Client {
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		target := e.httpAddr
+		if strings.HasSuffix(addr, ":443") {
+			target = e.httpsAddr
+		}
+		return (&net.Dialer{}).DialContext(ctx, network, target)
+	}
+	return &http.Client{Transport: &http.Transport{
+		DialContext:       dial,
+		TLSClientConfig:   &tls.Config{RootCAs: e.CA.Pool()},
+		DisableKeepAlives: true,
+	}}
+}
+
+// Get fetches https://host/path (tls) or http://host/path through the relay
+// and returns the status and body.
+func (e *Env) Get(tls bool, host, path string) (int, string) {
+	e.T.Helper()
+	scheme := "http"
+	if tls {
+		scheme = "https"
+	}
+	resp, err := e.Client().Get(scheme + "://" + host + path)
+	if err != nil {
+		e.T.Fatalf("GET %s://%s%s: %v", scheme, host, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// FreePortRange finds n consecutive free loopback ports for TCP leases.
+func FreePortRange(t testing.TB, n int) controlplane.PortRange {
+	t.Helper()
+	for range 100 {
+		first := 30000 + rand.IntN(25000)
+		ok := true
+		var lns []net.Listener
+		for p := first; p < first+n; p++ {
+			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+			if err != nil {
+				ok = false
+				break
+			}
+			lns = append(lns, ln)
+		}
+		for _, ln := range lns {
+			ln.Close()
+		}
+		if ok {
+			return controlplane.PortRange{First: uint16(first), Last: uint16(first + n - 1)}
+		}
+	}
+	t.Fatal("no free port range")
+	return controlplane.PortRange{}
+}
+
+// Eventually polls cond until it holds or timeout passes (nats-server's
+// checkFor): for state that has no event to wait on.
+func Eventually(t testing.TB, timeout time.Duration, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %v", timeout, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// CheckLeaks fails if goroutines of Tether, smux or the WebSocket library
+// are still running after the tests of a package; call it from TestMain.
+func CheckLeaks(m *testing.M) int {
+	code := m.Run()
+	if code != 0 {
+		return code
+	}
+	var leaked string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		leaked = ourGoroutines()
+		if leaked == "" {
+			return 0
+		}
+	}
+	fmt.Fprintf(os.Stderr, "leaked goroutines:\n%s\n", leaked)
+	return 1
+}
+
+func ourGoroutines() string {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for g := range strings.SplitSeq(string(buf), "\n\n") {
+		if strings.Contains(g, "CheckLeaks") || strings.Contains(g, "testing.(*M)") {
+			continue
+		}
+		for _, pkg := range []string{"tetherfleet/tether/", "xtaci/smux", "coder/websocket"} {
+			if strings.Contains(g, pkg) {
+				out = append(out, g)
+				break
+			}
+		}
+	}
+	return strings.Join(out, "\n\n")
+}
+
+// RunWithLeakCheck runs the package's tests, then fails the run if
+// goroutines of ours are left behind. Use it as TestMain.
+func RunWithLeakCheck(m *testing.M) { os.Exit(CheckLeaks(m)) }
