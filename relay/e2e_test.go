@@ -3,7 +3,6 @@ package relay_test
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -159,5 +158,3 @@ func TestEndToEndHTTPAndTCP(t *testing.T) {
 		t.Fatalf("after half-close: %q %v", rest, err)
 	}
 }
-
-var _ = errors.New
