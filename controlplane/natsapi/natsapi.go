@@ -12,12 +12,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"regexp"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/tetherfleet/tether/controlplane"
 )
+
+var semver = regexp.MustCompile(`^\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?$`)
 
 type envelope struct {
 	Result json.RawMessage     `json:"result,omitempty"`
@@ -41,9 +45,9 @@ func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (micro.Service
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	version := cfg.Version
-	if version == "" || version[0] < '0' || version[0] > '9' {
-		version = "0.0.0" // micro wants semver; dev builds report none
+	version := strings.TrimPrefix(cfg.Version, "v")
+	if !semver.MatchString(version) {
+		version = "0.0.0" // micro wants SemVer; dev builds have none
 	}
 	svc, err := micro.AddService(nc, micro.Config{
 		Name:        "tether-controlplane",

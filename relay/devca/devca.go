@@ -17,6 +17,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 )
 
@@ -143,4 +145,43 @@ func (ca *CA) Pool() *x509.CertPool {
 	p := x509.NewCertPool()
 	p.AddCert(ca.Cert)
 	return p
+}
+
+// TLSConfig returns a server TLS config that presents a certificate for
+// each requested name (SNI), issued on first use and cached: wildcards
+// directly under a one-label domain such as *.localhost are not accepted by
+// browsers or OpenSSL, so every service hostname gets its own. Names that
+// are neither in hosts nor a direct subdomain of domain get the certificate
+// for hosts.
+func (ca *CA) TLSConfig(domain string, hosts []string) (*tls.Config, error) {
+	def, err := ca.ServerCert(hosts)
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex
+	cache := map[string]*tls.Certificate{}
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			name := strings.ToLower(strings.TrimSuffix(hello.ServerName, "."))
+			label, ok := strings.CutSuffix(name, "."+domain)
+			if !ok || label == "" || strings.Contains(label, ".") {
+				return &def, nil
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if c, ok := cache[name]; ok {
+				return c, nil
+			}
+			if len(cache) >= 10000 {
+				clear(cache) // bound memory; certificates are cheap to issue again
+			}
+			c, err := ca.ServerCert([]string{name})
+			if err != nil {
+				return nil, err
+			}
+			cache[name] = &c
+			return &c, nil
+		},
+	}, nil
 }

@@ -115,13 +115,13 @@ func (e *Env) StartRelay() {
 	if err := e.Relay.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	cert, err := e.CA.ServerCert([]string{"localhost", "*." + e.Domain, "127.0.0.1"})
+	tlsConf, err := e.CA.TLSConfig(e.Domain, []string{"localhost", "127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	https := e.listen(&e.httpsAddr)
 	http1 := e.listen(&e.httpAddr)
-	hs := &http.Server{Handler: e.Relay.Handler(), TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
+	hs := &http.Server{Handler: e.Relay.Handler(), TLSConfig: tlsConf, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
 	ps := &http.Server{Handler: e.Relay.PublicHTTPHandler(), ErrorLog: hs.ErrorLog}
 	e.servers = []*http.Server{hs, ps}
 	go hs.ServeTLS(https, "", "")

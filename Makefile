@@ -1,0 +1,34 @@
+# Tether. `make help` lists the targets.
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+CMDS     := ./relay/cmd/tether-relay ./agent/cmd/tether-agent ./controlplane/cmd/tether-controlplane ./controlplane/cmd/tetherctl
+
+export CGO_ENABLED := 0
+export GOTOOLCHAIN := local
+
+.PHONY: help build run test test-short fuzz clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+build: ## build tether-relay, tether-agent, tether-controlplane and tetherctl into ./bin
+	@mkdir -p bin
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/ $(CMDS)
+
+run: build ## start the demo: a standalone relay and an agent exposing a demo page; prints the URL
+	$(GO) build -o bin/tether-demo ./relay/cmd/tether-demo
+	./bin/tether-demo
+
+test: ## go vet, then every test with the race detector (what CI runs)
+	$(GO) vet ./...
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
+
+test-short: ## the tests without the race detector, faster
+	$(GO) test -count=1 ./...
+
+fuzz: ## fuzz the frame decoder for a minute
+	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 60s ./frames
+
+clean: ## remove build output (keeps ./tether-data)
+	rm -rf bin dist

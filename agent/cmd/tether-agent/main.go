@@ -1,0 +1,129 @@
+// Command tether-agent runs on a device: it holds one outbound session to a
+// Tether relay and publishes the device's local services through it.
+//
+// Exit status: 0 after SIGINT/SIGTERM; 1 for bad settings or I/O errors;
+// 3 when the device was revoked; 4 when enrollment was refused or the device
+// is not enrolled. A supervisor should not restart it on 3 or 4
+// (systemd: RestartPreventExitStatus=3 4).
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tetherfleet/tether/agent"
+	"github.com/tetherfleet/tether/agent/cli"
+)
+
+var version = "dev"
+
+const about = `tether-agent: publishes this device's local services through a Tether relay over one
+outbound wss:// connection. First start: set TETHER_ENROLL_TOKEN; the device key is made here and
+kept in TETHER_STATE_DIR (mode 0600); later starts need no token.`
+
+type spec struct {
+	RelayURL          string        `envconfig:"RELAY_URL" required:"true" desc:"wss://relay.example.com (comma-separated: failover candidates)"`
+	EnrollToken       string        `envconfig:"ENROLL_TOKEN" desc:"enrollment token (tth_...), used once on first start"`
+	EnrollTokenFile   string        `envconfig:"ENROLL_TOKEN_FILE" desc:"file holding the enrollment token"`
+	StateDir          string        `envconfig:"STATE_DIR" desc:"device key and enrollment record; empty: /var/lib/tether-agent as root, else ~/.local/state/tether-agent"`
+	DeviceName        string        `envconfig:"DEVICE_NAME" desc:"requested device name; empty: the hostname (suffixed on a clash)"`
+	Services          string        `envconfig:"SERVICES" required:"true" desc:"web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22"`
+	RelayCA           string        `envconfig:"RELAY_CA" desc:"PEM file of the CA to trust for the relay (self-hosted/dev); empty: system roots"`
+	HeartbeatInterval time.Duration `envconfig:"HEARTBEAT_INTERVAL" default:"15s" desc:"heartbeat period; the relay is declared dead after 3 silent intervals"`
+	LogFormat         string        `envconfig:"LOG_FORMAT" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel          string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+}
+
+// Exit statuses.
+const (
+	exitRevoked  = 3
+	exitRefused  = 4
+	exitSettings = 1
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Stdout)
+	switch {
+	case err == nil, errors.Is(err, cli.ErrHelp):
+		return
+	case errors.Is(err, agent.ErrRevoked):
+		fmt.Fprintln(os.Stderr, "tether-agent:", err)
+		os.Exit(exitRevoked)
+	case errors.Is(err, agent.ErrNotEnrolled), errors.Is(err, agent.ErrUnauthorized), errors.As(err, new(*agent.EnrollError)):
+		fmt.Fprintln(os.Stderr, "tether-agent:", err)
+		os.Exit(exitRefused)
+	default:
+		fmt.Fprintln(os.Stderr, "tether-agent:", err)
+		os.Exit(exitSettings)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	var s spec
+	if err := cli.Parse("tether-agent", version, about, &s, args, true, stdout); err != nil {
+		return err
+	}
+	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
+	if err != nil {
+		return err
+	}
+	services, err := agent.ParseServices(s.Services)
+	if err != nil {
+		return fmt.Errorf("TETHER_SERVICES: %w", err)
+	}
+	token, err := cli.Secret(s.EnrollToken, s.EnrollTokenFile)
+	if err != nil {
+		return err
+	}
+	var roots *x509.CertPool
+	if s.RelayCA != "" {
+		pem, err := os.ReadFile(s.RelayCA)
+		if err != nil {
+			return fmt.Errorf("TETHER_RELAY_CA: %w", err)
+		}
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("TETHER_RELAY_CA: no certificate in %s", s.RelayCA)
+		}
+	}
+	if s.StateDir == "" {
+		s.StateDir = defaultStateDir()
+	}
+	a, err := agent.New(agent.Config{
+		RelayURLs:         strings.Split(s.RelayURL, ","),
+		EnrollToken:       token,
+		StateDir:          s.StateDir,
+		DeviceName:        s.DeviceName,
+		Services:          services,
+		RootCAs:           roots,
+		HeartbeatInterval: s.HeartbeatInterval,
+		Version:           version,
+		Logger:            log,
+	})
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}
+
+func defaultStateDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/tether-agent"
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "tether-agent")
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".local", "state", "tether-agent")
+}

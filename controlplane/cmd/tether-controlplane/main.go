@@ -1,0 +1,108 @@
+// Command tether-controlplane runs the control plane of a Tether cluster:
+// it serves relays over NATS and operators over the admin API, with its
+// state in a bbolt file. A standalone tether-relay embeds one instead.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/tetherfleet/tether/agent/cli"
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/daemon"
+	"github.com/tetherfleet/tether/controlplane/ops"
+)
+
+var version = "dev"
+
+const about = `tether-controlplane: enrollment, revocation, leases and presence for a Tether cluster,
+served to relays over NATS and to operators (tetherctl) over the admin API.`
+
+type spec struct {
+	NATSURL        string `envconfig:"NATS_URL" required:"true" desc:"NATS server the relays use"`
+	DataDir        string `envconfig:"DATA_DIR" default:"./tether-data" desc:"controlplane.db and generated secrets"`
+	Domain         string `envconfig:"DOMAIN" default:"localhost" desc:"base domain, shown in lease listings"`
+	TCPPorts       string `envconfig:"TCP_PORTS" default:"20000-29999" desc:"port range for TCP leases"`
+	AdminAddr      string `envconfig:"ADMIN_ADDR" default:"127.0.0.1:7070" desc:"admin API listener"`
+	AdminToken     string `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
+	AdminTokenFile string `envconfig:"ADMIN_TOKEN_FILE" desc:"file holding the admin token"`
+	OpsAddr        string `envconfig:"OPS_ADDR" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	LogFormat      string `envconfig:"LOG_FORMAT" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel       string `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil && !errors.Is(err, cli.ErrHelp) {
+		fmt.Fprintln(os.Stderr, "tether-controlplane:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	var s spec
+	if err := cli.Parse("tether-controlplane", version, about, &s, args, true, stdout); err != nil {
+		return err
+	}
+	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
+	if err != nil {
+		return err
+	}
+	ports, err := controlplane.ParsePortRange(s.TCPPorts)
+	if err != nil {
+		return err
+	}
+	if s.AdminToken, err = cli.Secret(s.AdminToken, s.AdminTokenFile); err != nil {
+		return err
+	}
+	nc, err := nats.Connect(s.NATSURL, nats.Name("tether-controlplane"), nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true))
+	if err != nil {
+		return fmt.Errorf("connect to NATS %s: %w", s.NATSURL, err)
+	}
+	defer nc.Drain()
+	cp, err := daemon.Start(ctx, nc, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer cp.Close()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
+	admin := &http.Server{Handler: cp.Admin, ErrorLog: errLog}
+	opsSrv := &http.Server{Handler: ops.Handler(reg, func(ctx context.Context) error { return nc.FlushWithContext(ctx) }), ErrorLog: errLog}
+	adminLn, err := net.Listen("tcp", s.AdminAddr)
+	if err != nil {
+		return fmt.Errorf("listen admin on %s: %w", s.AdminAddr, err)
+	}
+	opsLn, err := net.Listen("tcp", s.OpsAddr)
+	if err != nil {
+		adminLn.Close()
+		return fmt.Errorf("listen ops on %s: %w", s.OpsAddr, err)
+	}
+	go admin.Serve(adminLn)
+	go opsSrv.Serve(opsLn)
+	log.Info("control plane started", "admin", adminLn.Addr().String(), "ops", opsLn.Addr().String(), "data_dir", s.DataDir, "version", version)
+	if cp.TokenGenerated {
+		fmt.Fprintf(stdout, "Admin token (shown once; also in %s):\n  %s\n", cp.TokenFile, cp.AdminToken)
+	}
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	admin.Shutdown(sctx)
+	opsSrv.Shutdown(sctx)
+	log.Info("control plane stopped")
+	return nil
+}

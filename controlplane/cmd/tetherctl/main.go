@@ -1,0 +1,224 @@
+// Command tetherctl is the operator's CLI for a Tether control plane: it
+// creates enrollment tokens, lists devices and leases, and revokes devices,
+// over the admin API.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+	"github.com/tetherfleet/tether/agent/cli"
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/httpapi"
+)
+
+var version = "dev"
+
+const about = `tetherctl: operate a Tether control plane.
+
+Commands:
+  token create [--uses N] [--ttl 24h] [--label k=v]...   print a new enrollment token
+  devices [--json]                                        list devices
+  leases [--json]                                         list leases (hostname or port, device, service, relay, online)
+  revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect`
+
+type spec struct {
+	AdminURL       string `envconfig:"ADMIN_URL" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
+	AdminToken     string `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: read ADMIN_TOKEN_FILE"`
+	AdminTokenFile string `envconfig:"ADMIN_TOKEN_FILE" default:"./tether-data/admin-token" desc:"file holding the admin token (a standalone relay writes it there)"`
+}
+
+func main() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if errors.Is(err, cli.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "tetherctl:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var s spec
+	if len(args) == 0 || slices.Contains([]string{"-h", "--help", "-help", "help"}, args[0]) {
+		cli.Usage(stdout, "tetherctl COMMAND", about, &s)
+		return cli.ErrHelp
+	}
+	if args[0] == "--version" || args[0] == "version" {
+		fmt.Fprintln(stdout, cli.Version("tetherctl", version))
+		return nil
+	}
+	if err := envconfig.Process(cli.Prefix, &s); err != nil {
+		return err
+	}
+	token, err := cli.Secret(s.AdminToken, s.AdminTokenFile)
+	if err != nil {
+		if s.AdminToken == "" && errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("no admin token: set TETHER_ADMIN_TOKEN, or TETHER_ADMIN_TOKEN_FILE (tried %s)", filepath.Clean(s.AdminTokenFile))
+		}
+		return err
+	}
+	c := &httpapi.Client{BaseURL: s.AdminURL, Token: token}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "token":
+		if len(rest) == 0 || rest[0] != "create" {
+			return errors.New("usage: tetherctl token create [--uses N] [--ttl 24h] [--label k=v]")
+		}
+		return tokenCreate(ctx, c, rest[1:], stdout, stderr)
+	case "devices":
+		asJSON, err := jsonFlag("devices", rest)
+		if err != nil {
+			return err
+		}
+		ds, err := c.Devices(ctx)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(stdout, ds)
+		}
+		printDevices(stdout, ds)
+		return nil
+	case "leases":
+		asJSON, err := jsonFlag("leases", rest)
+		if err != nil {
+			return err
+		}
+		ls, err := c.Leases(ctx)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(stdout, ls)
+		}
+		printLeases(stdout, ls)
+		return nil
+	case "revoke":
+		if len(rest) != 1 {
+			return errors.New("usage: tetherctl revoke DEVICE")
+		}
+		d, err := c.Revoke(ctx, rest[0])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "revoked %s (%s): it is cut off and cannot reconnect\n", d.Name, d.ID)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q (see tetherctl --help)", cmd)
+}
+
+// labels collects repeated --label k=v flags.
+type labels map[string]string
+
+func (l labels) String() string { return fmt.Sprint(map[string]string(l)) }
+func (l labels) Set(v string) error {
+	k, val, ok := strings.Cut(v, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("label %q: want key=value", v)
+	}
+	l[k] = val
+	return nil
+}
+
+func tokenCreate(ctx context.Context, c *httpapi.Client, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("token create", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	uses := fs.Int("uses", 1, "how many devices the token may enroll")
+	ttl := fs.Duration("ttl", 24*time.Hour, "how long the token is valid")
+	lbls := labels{}
+	fs.Var(lbls, "label", "key=value given to devices it enrolls (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	resp, err := c.CreateToken(ctx, httpapi.CreateTokenRequest{Uses: *uses, TTL: ttl.String(), Labels: lbls})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, resp.Secret)
+	fmt.Fprintf(stderr, "token %s: %d use(s), expires %s; shown once\n", resp.ID, resp.Uses, resp.ExpiresAt.Local().Format(time.RFC3339))
+	return nil
+}
+
+func jsonFlag(name string, args []string) (bool, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return false, err
+	}
+	return *asJSON, nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printDevices(w io.Writer, ds []controlplane.Device) {
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tID\tSTATUS\tRELAY\tSERVICES\tLABELS\tLAST SEEN")
+	for _, d := range ds {
+		status := "offline"
+		switch {
+		case d.Revoked:
+			status = "revoked"
+		case d.Online:
+			status = "online"
+		}
+		if d.CloneSuspected {
+			status += " (cloned key?)"
+		}
+		var svcs, lbls []string
+		for _, s := range d.Services {
+			svcs = append(svcs, s.Name+"/"+s.Proto)
+		}
+		for k, v := range d.Labels {
+			lbls = append(lbls, k+"="+v)
+		}
+		slices.Sort(lbls)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, d.ID, status, dash(d.Relay), dash(strings.Join(svcs, ",")),
+			dash(strings.Join(lbls, ",")), ago(d.LastSeen))
+	}
+	tw.Flush()
+}
+
+func printLeases(w io.Writer, ls []controlplane.Lease) {
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "HOSTNAME/PORT\tDEVICE\tSERVICE\tPROTO\tRELAY\tONLINE")
+	for _, l := range ls {
+		name := l.Hostname
+		if l.Port != 0 {
+			name = fmt.Sprintf("port %d", l.Port)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\n", name, l.DeviceName, l.Service, l.Proto, dash(l.Relay), l.Online)
+	}
+	tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func ago(t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return time.Since(t).Round(time.Second).String() + " ago"
+}

@@ -1,0 +1,245 @@
+// Command tether-relay is Tether's public edge. By default it is a complete
+// server in one process: it embeds a NATS server and the control plane
+// (state in TETHER_DATA_DIR). With TETHER_NATS_URL it joins a cluster whose
+// control plane runs as tether-controlplane.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/tetherfleet/tether/agent/cli"
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/daemon"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
+	"github.com/tetherfleet/tether/controlplane/natsembed"
+	"github.com/tetherfleet/tether/controlplane/ops"
+	"github.com/tetherfleet/tether/relay"
+	"github.com/tetherfleet/tether/relay/devca"
+)
+
+var version = "dev"
+
+const about = `tether-relay: the public edge of Tether. Agents connect to wss://<relay>/_tether/connect;
+public users reach device services at https://SERVICE-DEVICE.<domain> and on leased TCP ports.
+Standalone (embedded NATS and control plane) unless TETHER_NATS_URL is set.`
+
+type spec struct {
+	Domain         string        `envconfig:"DOMAIN" default:"localhost" desc:"base domain for service hostnames (SERVICE-DEVICE.<domain>)"`
+	HTTPAddr       string        `envconfig:"HTTP_ADDR" default:":8080" desc:"public plain-HTTP listener"`
+	HTTPSAddr      string        `envconfig:"HTTPS_ADDR" default:":8443" desc:"public HTTPS and agent wss listener"`
+	TLSCert        string        `envconfig:"TLS_CERT" desc:"certificate file (PEM); empty: a dev CA in the data dir signs one"`
+	TLSKey         string        `envconfig:"TLS_KEY" desc:"key file of TLS_CERT"`
+	TCPPorts       string        `envconfig:"TCP_PORTS" default:"20000-29999" desc:"port range for TCP leases"`
+	TCPHost        string        `envconfig:"TCP_HOST" desc:"address TCP lease listeners bind; empty: all interfaces"`
+	DataDir        string        `envconfig:"DATA_DIR" default:"./tether-data" desc:"bbolt files, dev CA, generated secrets"`
+	NATSURL        string        `envconfig:"NATS_URL" desc:"external NATS (cluster mode); empty: embedded NATS and control plane"`
+	RelayID        string        `envconfig:"RELAY_ID" desc:"this relay's name in the cluster; empty: the hostname"`
+	ClusterAddr    string        `envconfig:"CLUSTER_ADDR" default:"127.0.0.1:7444" desc:"relay-to-relay listener (reserved: cross-relay forwarding is not in this release)"`
+	AdminAddr      string        `envconfig:"ADMIN_ADDR" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
+	AdminToken     string        `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
+	AdminTokenFile string        `envconfig:"ADMIN_TOKEN_FILE" desc:"file holding the admin token"`
+	OpsAddr        string        `envconfig:"OPS_ADDR" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	DrainWindow    time.Duration `envconfig:"DRAIN_WINDOW" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
+	LogFormat      string        `envconfig:"LOG_FORMAT" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel       string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+		if errors.Is(err, cli.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "tether-relay:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	var s spec
+	if err := cli.Parse("tether-relay", version, about, &s, args, true, stdout); err != nil {
+		return err
+	}
+	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
+	if err != nil {
+		return err
+	}
+	ports, err := controlplane.ParsePortRange(s.TCPPorts)
+	if err != nil {
+		return err
+	}
+	if s.RelayID == "" {
+		s.RelayID, _ = os.Hostname()
+	}
+	if s.AdminToken, err = cli.Secret(s.AdminToken, s.AdminTokenFile); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(s.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create data dir: %w", err)
+	}
+
+	// Servers to start, in order; stopped in reverse.
+	var servers []*namedServer
+	var closers []func()
+	defer func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}()
+
+	// NATS and, standalone, the control plane.
+	var relayNC *nats.Conn
+	var cp *daemon.Daemon
+	if s.NATSURL == "" {
+		ns, err := natsembed.Start()
+		if err != nil {
+			return err
+		}
+		closers = append(closers, ns.Shutdown)
+		cpNC, err := ns.Connect("controlplane")
+		if err != nil {
+			return err
+		}
+		closers = append(closers, func() { cpNC.Drain() })
+		cp, err = daemon.Start(ctx, cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version, Logger: log.With("component", "controlplane")})
+		if err != nil {
+			return err
+		}
+		closers = append(closers, func() { cp.Close() })
+		if relayNC, err = ns.Connect("relay " + s.RelayID); err != nil {
+			return err
+		}
+	} else {
+		if relayNC, err = nats.Connect(s.NATSURL, nats.Name("relay "+s.RelayID), nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true)); err != nil {
+			return fmt.Errorf("connect to NATS %s: %w", s.NATSURL, err)
+		}
+	}
+	closers = append(closers, func() { relayNC.Drain() })
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	rl, err := relay.New(relay.Config{
+		RelayID: s.RelayID, Domain: s.Domain, ControlPlane: &natsapi.Client{NC: relayNC},
+		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = rl.Start(startCtx)
+	cancel()
+	if err != nil {
+		return err
+	}
+
+	tlsConf, caPath, err := tlsConfig(s)
+	if err != nil {
+		return err
+	}
+	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
+	servers = append(servers,
+		&namedServer{name: "https", addr: s.HTTPSAddr, srv: &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
+		&namedServer{name: "http", addr: s.HTTPAddr, srv: &http.Server{Handler: rl.PublicHTTPHandler(), ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
+		&namedServer{name: "ops", addr: s.OpsAddr, srv: &http.Server{Handler: ops.Handler(reg, func(ctx context.Context) error { return relayNC.FlushWithContext(ctx) }), ErrorLog: errLog}},
+	)
+	if cp != nil {
+		servers = append(servers, &namedServer{name: "admin", addr: s.AdminAddr, srv: &http.Server{Handler: cp.Admin, ErrorLog: errLog}})
+	}
+	// Bind every listener before serving any, so that errors come at once.
+	for _, ns := range servers {
+		if ns.ln, err = net.Listen("tcp", ns.addr); err != nil {
+			return fmt.Errorf("listen %s on %s: %w", ns.name, ns.addr, err)
+		}
+		closers = append(closers, func() { ns.ln.Close() })
+	}
+	serveErr := make(chan error, len(servers))
+	for _, ns := range servers {
+		go func() {
+			var err error
+			if ns.srv.TLSConfig != nil {
+				err = ns.srv.ServeTLS(ns.ln, "", "")
+			} else {
+				err = ns.srv.Serve(ns.ln)
+			}
+			if !errors.Is(err, http.ErrServerClosed) {
+				serveErr <- fmt.Errorf("%s server: %w", ns.name, err)
+			}
+		}()
+	}
+	attrs := []any{"relay_id", s.RelayID, "domain", s.Domain, "version", version}
+	for _, ns := range servers {
+		attrs = append(attrs, ns.name, ns.ln.Addr().String())
+	}
+	if caPath != "" {
+		attrs = append(attrs, "dev_ca", caPath)
+	}
+	log.Info("relay started", attrs...)
+	if cp != nil {
+		if cp.TokenGenerated {
+			fmt.Fprintf(stdout, "Admin token (shown once; also in %s):\n  %s\n", cp.TokenFile, cp.AdminToken)
+		} else if cp.TokenFile != "" {
+			log.Info("admin token is in the data dir", "file", cp.TokenFile)
+		}
+	}
+
+	var failed error
+	select {
+	case <-ctx.Done():
+	case failed = <-serveErr:
+		log.Error("server failed; shutting down", "err", failed)
+	}
+	log.Info("shutting down: draining agents", "window", s.DrainWindow)
+	sctx, cancel := context.WithTimeout(context.Background(), s.DrainWindow+20*time.Second)
+	defer cancel()
+	if err := rl.Shutdown(sctx); err != nil {
+		log.Warn("relay drain incomplete", "err", err)
+	}
+	for _, ns := range servers {
+		ns.srv.Shutdown(sctx)
+	}
+	log.Info("relay stopped")
+	return failed
+}
+
+type namedServer struct {
+	name, addr string
+	srv        *http.Server
+	ln         net.Listener
+}
+
+// tlsConfig loads the certificate files, or issues a certificate from the
+// data dir's dev CA when none are given.
+func tlsConfig(s spec) (*tls.Config, string, error) {
+	if s.TLSCert != "" || s.TLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(s.TLSCert, s.TLSKey)
+		if err != nil {
+			return nil, "", fmt.Errorf("load TLS certificate: %w", err)
+		}
+		return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, "", nil
+	}
+	ca, err := devca.LoadOrCreate(s.DataDir)
+	if err != nil {
+		return nil, "", err
+	}
+	hosts := []string{s.Domain, "localhost", "127.0.0.1", "::1"}
+	if h, err := os.Hostname(); err == nil {
+		hosts = append(hosts, h)
+	}
+	conf, err := ca.TLSConfig(s.Domain, hosts)
+	return conf, ca.Path, err
+}
