@@ -66,7 +66,8 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	defer stop()
 	defer sess.close()
 
-	if err := sess.handshake(r.Context()); err != nil {
+	leases, err := sess.handshake(r.Context())
+	if err != nil {
 		s.metrics.handshakes.WithLabelValues(handshakeResult(err)).Inc()
 		sess.log.Info("agent handshake failed", "err", err)
 		return
@@ -74,9 +75,13 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	s.metrics.handshakes.WithLabelValues("ok").Inc()
 	s.metrics.sessions.Inc()
 	defer s.metrics.sessions.Dec()
+	// Routable before the agent learns its names: a request made the moment
+	// it does must find the session.
 	s.reg.add(sess)
-	sess.log.Info("agent connected", "generation", sess.gen, "services", len(sess.services))
-	err = sess.controlLoop()
+	if err = sess.write(leases); err == nil {
+		sess.log.Info("agent connected", "generation", sess.gen, "services", len(sess.services))
+		err = sess.controlLoop()
+	}
 	s.reg.remove(sess)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -127,68 +132,73 @@ func (sess *session) refuseCP(err error) error {
 	return sess.refuse(code, err.Error())
 }
 
-func (sess *session) handshake(ctx context.Context) error {
+// handshake authenticates the agent and registers its services; the
+// caller sends the returned leases once the session is routable.
+func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	s := sess.srv
 	deadline := time.Now().Add(s.cfg.HandshakeTimeout)
 	sess.mux.SetDeadline(deadline)
 	ctrl, err := sess.mux.AcceptStream()
 	if err != nil {
-		return fmt.Errorf("accept control stream: %w", err)
+		return nil, fmt.Errorf("accept control stream: %w", err)
 	}
 	sess.mux.SetDeadline(time.Time{})
 	sess.ctrl = ctrl
 	ctrl.SetDeadline(deadline)
 	hello, err := readAs[*frames.Hello](ctrl)
 	if err != nil {
-		return sess.refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
+		return nil, sess.refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
 	}
 	sess.heartbeat = time.Duration(hello.HeartbeatMillis) * time.Millisecond
 	if sess.heartbeat < time.Second || sess.heartbeat > 10*time.Minute {
-		return sess.refuse(frames.CodeBadRequest, fmt.Sprintf("heartbeat interval %v is outside 1s..10m", sess.heartbeat))
+		return nil, sess.refuse(frames.CodeBadRequest, fmt.Sprintf("heartbeat interval %v is outside 1s..10m", sess.heartbeat))
 	}
 	ch := &frames.Challenge{RelayID: s.cfg.RelayID}
 	rand.Read(ch.Nonce[:])
 	if err := sess.write(ch); err != nil {
-		return err
+		return nil, err
 	}
 	auth, err := readAs[*frames.Auth](ctrl)
 	if err != nil {
-		return sess.refuse(frames.CodeBadRequest, "expected auth: "+err.Error())
+		return nil, sess.refuse(frames.CodeBadRequest, "expected auth: "+err.Error())
 	}
 	if !frames.VerifyAuth(hello.PublicKey, ch.Nonce, s.cfg.RelayID, auth.Signature) {
-		return sess.refuse(frames.CodeUnauthorized, "bad signature for device key "+frames.DeviceID(hello.PublicKey[:]))
+		return nil, sess.refuse(frames.CodeUnauthorized, "bad signature for device key "+frames.DeviceID(hello.PublicKey[:]))
 	}
 	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID, AgentVersion: hello.AgentVersion})
 	if err != nil {
-		return sess.refuseCP(err)
+		return nil, sess.refuseCP(err)
 	}
 	sess.deviceID, sess.name, sess.gen = cr.DeviceID, cr.Name, cr.Generation
 	sess.log = sess.log.With("device", cr.Name, "device_id", cr.DeviceID)
 	if err := sess.write(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation}); err != nil {
-		return err
+		return nil, err
 	}
 	reg, err := readAs[*frames.Register](ctrl)
 	if err != nil {
-		return sess.refuse(frames.CodeBadRequest, "expected register: "+err.Error())
+		return nil, sess.refuse(frames.CodeBadRequest, "expected register: "+err.Error())
 	}
-	if sess.leases, err = sess.register(ctx, reg); err != nil {
-		return err
-	}
-	ctrl.SetDeadline(time.Time{})
 	sess.http = s.newStreamTransport(sess)
-	return nil
+	out, leases, err := sess.register(ctx, reg)
+	if err != nil {
+		return nil, err
+	}
+	sess.leases = leases
+	ctrl.SetDeadline(time.Time{})
+	return out, nil
 }
 
 // register records the agent's services with the control plane and
-// answers with their leases.
-func (sess *session) register(ctx context.Context, reg *frames.Register) ([]controlplane.Lease, error) {
+// returns their leases, as a frame for the agent and as the control
+// plane's records. It sends nothing.
+func (sess *session) register(ctx context.Context, reg *frames.Register) (*frames.Leases, []controlplane.Lease, error) {
 	req := controlplane.RegisterRequest{DeviceID: sess.deviceID, Generation: sess.gen}
 	for _, svc := range reg.Services {
 		req.Services = append(req.Services, controlplane.Service{Name: svc.Name, Proto: svc.Proto})
 	}
 	leases, err := sess.srv.cp.Register(ctx, req)
 	if err != nil {
-		return nil, sess.refuseCP(err)
+		return nil, nil, sess.refuseCP(err)
 	}
 	services := map[string]string{}
 	out := &frames.Leases{}
@@ -203,7 +213,7 @@ func (sess *session) register(ctx context.Context, reg *frames.Register) ([]cont
 	sess.wmu.Lock()
 	sess.services = services
 	sess.wmu.Unlock()
-	return leases, sess.write(out)
+	return out, leases, nil
 }
 
 // readAs reads the next known frame and requires it to be a T.
@@ -269,12 +279,15 @@ func (sess *session) controlLoop() error {
 			}
 		case *frames.Register:
 			ctx, cancel := context.WithTimeout(sess.srv.ctx, 10*time.Second)
-			leases, err := sess.register(ctx, m)
+			out, leases, err := sess.register(ctx, m)
 			cancel()
 			if err != nil {
 				return err
 			}
 			sess.srv.reg.update(sess, leases)
+			if err := sess.write(out); err != nil {
+				return fmt.Errorf("send leases: %w", err)
+			}
 		case *frames.Error:
 			return fmt.Errorf("agent closed the session: %w", m)
 		case *frames.Unknown:

@@ -1,0 +1,224 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/xtaci/smux"
+)
+
+func TestParseServices(t *testing.T) {
+	good, err := ParseServices("web=http://127.0.0.1:8080, ssh=tcp://127.0.0.1:22,")
+	if err != nil || len(good) != 2 || good[0] != (Service{"web", "http", "127.0.0.1:8080"}) || good[1].Proto != "tcp" {
+		t.Fatalf("got %v %v", good, err)
+	}
+	bad := map[string]string{
+		"":                             "no services",
+		"web":                          `"web"`,
+		"web=ftp://127.0.0.1:21":       "ftp",
+		"Web=http://127.0.0.1:80":      `"Web"`,
+		"web=http://127.0.0.1":         "HOST:PORT",
+		"web=http://127.0.0.1:80/path": "no path",
+		"web=http://127.0.0.1:80,web=tcp://[::1]:1": "twice",
+	}
+	for in, says := range bad {
+		if _, err := ParseServices(in); err == nil || !strings.Contains(err.Error(), says) {
+			t.Errorf("ParseServices(%q) = %v, want an error saying %s", in, err, says)
+		}
+	}
+}
+
+func TestSlug(t *testing.T) {
+	for in, want := range map[string]string{
+		"raspberrypi": "raspberrypi", "Pi_Zero 2W": "pi-zero-2w", "host.example.com": "host",
+		"--": "device", strings.Repeat("a", 50): strings.Repeat("a", 40),
+	} {
+		if got := slug(in); got != want {
+			t.Errorf("slug(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestBackoffIsCappedFullJitter(t *testing.T) {
+	b := &backoff{base: 500 * time.Millisecond, max: 30 * time.Second}
+	var sawLarge bool
+	for i := range 200 {
+		d := b.next()
+		ceil := min(30*time.Second, 500*time.Millisecond<<min(i, 30))
+		if d <= 0 || d > ceil+time.Millisecond {
+			t.Fatalf("wait %d = %v, outside (0, %v]", i, d, ceil)
+		}
+		sawLarge = sawLarge || d > 10*time.Second
+	}
+	if !sawLarge {
+		t.Fatal("never waited long: the cap is not reached")
+	}
+	b.reset()
+	if d := b.next(); d > 501*time.Millisecond {
+		t.Fatalf("after reset: %v", d)
+	}
+}
+
+// fakeRelay enrolls anyone and completes handshakes, then lets the test
+// drive the session.
+type fakeRelay struct {
+	srv      *httptest.Server
+	sessions chan *fakeSession
+}
+
+type fakeSession struct {
+	mux  *smux.Session
+	ctrl *smux.Stream
+}
+
+func newFakeRelay(t *testing.T) *fakeRelay {
+	f := &fakeRelay{sessions: make(chan *fakeSession, 8)}
+	mux := http.NewServeMux()
+	mux.HandleFunc(frames.EnrollPath, func(w http.ResponseWriter, r *http.Request) {
+		var req frames.EnrollRequest
+		json.NewDecoder(r.Body).Decode(&req)
+		json.NewEncoder(w).Encode(frames.EnrollResponse{DeviceID: frames.DeviceID(req.PublicKey), Name: req.Name})
+	})
+	mux.HandleFunc(frames.ConnectPath, func(w http.ResponseWriter, r *http.Request) {
+		m, err := wsmux.Accept(w, r, wsmux.Config{})
+		if err != nil {
+			return
+		}
+		defer m.Close()
+		ctrl, err := m.AcceptStream()
+		if err != nil {
+			return
+		}
+		hello, _ := frames.Read(ctrl, 0)
+		frames.Write(ctrl, &frames.Challenge{RelayID: "fake"})
+		frames.Read(ctrl, 0) // auth: not checked here
+		frames.Write(ctrl, &frames.Welcome{DeviceID: frames.DeviceID(hello.(*frames.Hello).PublicKey[:]), DeviceName: "dev", Generation: 1})
+		frames.Read(ctrl, 0) // register
+		frames.Write(ctrl, &frames.Leases{})
+		f.sessions <- &fakeSession{mux: m, ctrl: ctrl}
+		<-m.CloseChan()
+	})
+	f.srv = httptest.NewTLSServer(mux)
+	t.Cleanup(f.srv.Close)
+	return f
+}
+
+func (f *fakeRelay) next(t *testing.T, within time.Duration) *fakeSession {
+	t.Helper()
+	select {
+	case s := <-f.sessions:
+		t.Cleanup(func() { s.mux.Close() })
+		return s
+	case <-time.After(within):
+		t.Fatalf("no session within %v", within)
+	}
+	return nil
+}
+
+func runAgent(t *testing.T, f *fakeRelay, services ...Service) {
+	t.Helper()
+	pool := f.srv.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs
+	a, err := New(Config{
+		RelayURLs: []string{"wss://" + f.srv.Listener.Addr().String()}, EnrollToken: "tth_x", StateDir: t.TempDir(),
+		DeviceName: "dev", Services: services, RootCAs: pool, HeartbeatInterval: time.Second, BackoffMax: 100 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+}
+
+// TestSilentRelayDeclaredDead: a relay that stops answering heartbeats is
+// dropped after three intervals and the agent connects again.
+func TestSilentRelayDeclaredDead(t *testing.T) {
+	f := newFakeRelay(t)
+	runAgent(t, f, Service{"web", "http", "127.0.0.1:1"})
+	first := f.next(t, 10*time.Second)
+	start := time.Now()
+	go io.Copy(io.Discard, first.ctrl) // read heartbeats, never answer
+	f.next(t, 10*time.Second)
+	if d := time.Since(start); d < 2*time.Second {
+		t.Fatalf("agent gave up on the relay after %v, before three intervals", d)
+	}
+}
+
+// TestOnlyRegisteredServicesAreDialled: the relay names services, never
+// addresses; unknown names and unreachable services are refused clearly.
+func TestOnlyRegisteredServicesAreDialled(t *testing.T) {
+	f := newFakeRelay(t)
+	up, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer up.Close()
+	go func() {
+		for {
+			c, err := up.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, "from web")
+			c.Close()
+		}
+	}()
+	down, _ := net.Listen("tcp", "127.0.0.1:0")
+	downAddr := down.Addr().String()
+	down.Close()
+	runAgent(t, f, Service{"web", "http", up.Addr().String()}, Service{"db", "tcp", downAddr})
+	s := f.next(t, 10*time.Second)
+
+	open := func(service string) (frames.Message, *smux.Stream) {
+		st, err := s.mux.OpenStream()
+		if err != nil {
+			t.Fatal(err)
+		}
+		frames.Write(st, &frames.StreamOpen{Service: service, ClientAddr: "203.0.113.1:1"})
+		st.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, err := frames.Read(st, 0)
+		if err != nil {
+			t.Fatalf("%s: %v", service, err)
+		}
+		return m, st
+	}
+	m, st := open("web")
+	if _, ok := m.(*frames.StreamAccept); !ok {
+		t.Fatalf("web: %#v", m)
+	}
+	if b, _ := io.ReadAll(st); string(b) != "from web" {
+		t.Fatalf("web said %q", b)
+	}
+	for service, code := range map[string]frames.ErrorCode{"127.0.0.1:22": frames.CodeUnknownService, "db": frames.CodeDialFailed} {
+		m, _ := open(service)
+		r, ok := m.(*frames.StreamRefuse)
+		if !ok || r.Code != code || strings.Contains(r.Message, downAddr) {
+			t.Fatalf("%s: %#v", service, m)
+		}
+	}
+}
+
+func TestNotEnrolledWithoutToken(t *testing.T) {
+	a, err := New(Config{RelayURLs: []string{"wss://127.0.0.1:1"}, StateDir: t.TempDir(), Services: []Service{{"web", "http", "127.0.0.1:1"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Run(t.Context()); !errors.Is(err, ErrNotEnrolled) {
+		t.Fatalf("got %v", err)
+	}
+}
