@@ -161,9 +161,9 @@ func revokeViaAdmin(t *testing.T, e *relaytest.Env, device string) {
 func TestRestartsKeepIdentityAndNames(t *testing.T) {
 	e := relaytest.Start(t, relaytest.Options{})
 	web := webService(t)
-	ssh := echoService(t)
+	ssh := relaytest.LineService(t)
 	state := t.TempDir()
-	svcs := []agent.Service{httpSvc("web", web), {Name: "ssh", Proto: "tcp", Addr: ssh.Addr().String()}}
+	svcs := []agent.Service{httpSvc("web", web), {Name: "ssh", Proto: "tcp", Addr: ssh}}
 	ra := startAgent(t, e.AgentConfig(state, "pi01", e.Token(1), svcs...))
 	first := ra.registered(t)
 	key1, _ := os.ReadFile(filepath.Join(state, "device.key"))

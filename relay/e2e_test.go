@@ -89,33 +89,6 @@ func webService(t *testing.T) *httptest.Server {
 	return srv
 }
 
-// echoService is a device's local TCP service: it answers each line
-// upper-cased, and on EOF writes "bye" and closes.
-func echoService(t *testing.T) net.Listener {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				sc := bufio.NewScanner(c)
-				for sc.Scan() {
-					fmt.Fprintf(c, "%s\n", strings.ToUpper(sc.Text()))
-				}
-				io.WriteString(c, "bye\n")
-			}()
-		}
-	}()
-	return ln
-}
-
 func httpSvc(name string, srv *httptest.Server) agent.Service {
 	return agent.Service{Name: name, Proto: "http", Addr: strings.TrimPrefix(srv.URL, "http://")}
 }
@@ -123,9 +96,9 @@ func httpSvc(name string, srv *httptest.Server) agent.Service {
 func TestEndToEndHTTPAndTCP(t *testing.T) {
 	e := relaytest.Start(t, relaytest.Options{})
 	web := webService(t)
-	ssh := echoService(t)
+	ssh := relaytest.LineService(t)
 	ra := startAgent(t, e.AgentConfig("", "pi01", e.Token(1),
-		httpSvc("web", web), agent.Service{Name: "ssh", Proto: "tcp", Addr: ssh.Addr().String()}))
+		httpSvc("web", web), agent.Service{Name: "ssh", Proto: "tcp", Addr: ssh}))
 	leases := ra.registered(t)
 	if len(leases) != 2 || leases[0].Hostname != "web-pi01.localhost" || leases[1].Port != e.TCPPorts.First {
 		t.Fatalf("leases %+v", leases)

@@ -4,6 +4,7 @@
 package relaytest
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -324,3 +325,31 @@ func ourGoroutines() string {
 // RunWithLeakCheck runs the package's tests, then fails the run if
 // goroutines of ours are left behind. Use it as TestMain.
 func RunWithLeakCheck(m *testing.M) { os.Exit(CheckLeaks(m)) }
+
+// LineService is a device's local TCP service for tests: it answers each
+// line upper-cased and, when the client half-closes, writes "bye" and
+// closes. It returns the service's address.
+func LineService(t testing.TB) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					fmt.Fprintf(c, "%s\n", strings.ToUpper(sc.Text()))
+				}
+				io.WriteString(c, "bye\n")
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}

@@ -61,7 +61,7 @@ func TestContract(t *testing.T) {
 		fmt.Fprintf(w, "web on pi01 via %s", r.Header.Get("X-Forwarded-Proto"))
 	}))
 	defer web.Close()
-	ssh := tcpEcho(t)
+	ssh := relaytest.LineService(t)
 	state := t.TempDir()
 	agentEnv := []string{
 		"TETHER_RELAY_URL=wss://" + addr["https"], "TETHER_RELAY_CA=" + filepath.Join(data, "ca.pem"),
@@ -86,7 +86,7 @@ func TestContract(t *testing.T) {
 		}
 		defer c.Close()
 		fmt.Fprintln(c, "hello")
-		if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "hello\n" {
+		if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "HELLO\n" {
 			t.Fatalf("tcp lease: %q %v", line, err)
 		}
 	}
@@ -381,22 +381,4 @@ func get(t *testing.T, c *http.Client, url string, status int) string {
 		t.Fatalf("GET %s: %d, want %d: %s", url, resp.StatusCode, status, b)
 	}
 	return string(b)
-}
-
-func tcpEcho(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
-	return ln.Addr().String()
 }

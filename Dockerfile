@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# Images of Tether's servers and agent, built with the same command as
+# `make build`. Targets: relay (default), controlplane, agent.
+#   docker build -t tether-relay .
+#   docker build --target agent -t tether-agent .
+
+FROM golang:1.26-bookworm AS build
+WORKDIR /src
+ENV CGO_ENABLED=0 GOTOOLCHAIN=local
+# The patched smux is a local module (see frames/wsmux/third_party/smux/PATCH.md).
+COPY go.mod go.sum ./
+COPY frames/wsmux/third_party/smux/ frames/wsmux/third_party/smux/
+RUN go mod download
+COPY . .
+ARG VERSION=dev
+RUN go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/ \
+      ./relay/cmd/tether-relay ./agent/cmd/tether-agent \
+      ./controlplane/cmd/tether-controlplane ./controlplane/cmd/tetherctl \
+ && mkdir -p /out/state
+
+FROM gcr.io/distroless/static-debian12:nonroot AS agent
+COPY --from=build /out/tether-agent /usr/local/bin/tether-agent
+COPY --from=build --chown=65532:65532 /out/state /var/lib/tether-agent
+ENV TETHER_STATE_DIR=/var/lib/tether-agent
+VOLUME /var/lib/tether-agent
+ENTRYPOINT ["/usr/local/bin/tether-agent"]
+
+FROM gcr.io/distroless/static-debian12:nonroot AS controlplane
+COPY --from=build /out/tether-controlplane /out/tetherctl /usr/local/bin/
+COPY --from=build --chown=65532:65532 /out/state /var/lib/tether
+# Inside the container, tetherctl reaches the admin API on 127.0.0.1:7070
+# (docker exec); publish it only on a private network.
+ENV TETHER_DATA_DIR=/var/lib/tether TETHER_ADMIN_TOKEN_FILE=/var/lib/tether/admin-token TETHER_OPS_ADDR=:7072
+VOLUME /var/lib/tether
+EXPOSE 7072
+ENTRYPOINT ["/usr/local/bin/tether-controlplane"]
+
+FROM gcr.io/distroless/static-debian12:nonroot AS relay
+COPY --from=build /out/tether-relay /out/tetherctl /usr/local/bin/
+COPY --from=build --chown=65532:65532 /out/state /var/lib/tether
+ENV TETHER_DATA_DIR=/var/lib/tether TETHER_ADMIN_TOKEN_FILE=/var/lib/tether/admin-token TETHER_OPS_ADDR=:7071
+VOLUME /var/lib/tether
+# 8080 public HTTP, 8443 public HTTPS and agents, 7071 metrics and health;
+# TCP leases use TETHER_TCP_PORTS (publish that range too).
+EXPOSE 8080 8443 7071
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/tether-relay"]
