@@ -28,9 +28,9 @@ ENTRYPOINT ["/usr/local/bin/tether-agent"]
 FROM gcr.io/distroless/static-debian12:nonroot AS controlplane
 COPY --from=build /out/tether-controlplane /out/tetherctl /usr/local/bin/
 COPY --from=build --chown=65532:65532 /out/state /var/lib/tether
-# Inside the container, tetherctl reaches the admin API on 127.0.0.1:7070
-# (docker exec); publish it only on a private network.
-ENV TETHER_DATA_DIR=/var/lib/tether TETHER_ADMIN_TOKEN_FILE=/var/lib/tether/admin-token TETHER_OPS_ADDR=:7072
+# Inside the container (docker exec), tetherctl finds the admin API on
+# 127.0.0.1:7070 and the token in $TETHER_DATA_DIR/admin-token.
+ENV TETHER_DATA_DIR=/var/lib/tether TETHER_OPS_ADDR=:7072
 VOLUME /var/lib/tether
 EXPOSE 7072
 ENTRYPOINT ["/usr/local/bin/tether-controlplane"]
@@ -38,7 +38,7 @@ ENTRYPOINT ["/usr/local/bin/tether-controlplane"]
 FROM gcr.io/distroless/static-debian12:nonroot AS relay
 COPY --from=build /out/tether-relay /out/tetherctl /usr/local/bin/
 COPY --from=build --chown=65532:65532 /out/state /var/lib/tether
-ENV TETHER_DATA_DIR=/var/lib/tether TETHER_ADMIN_TOKEN_FILE=/var/lib/tether/admin-token TETHER_OPS_ADDR=:7071
+ENV TETHER_DATA_DIR=/var/lib/tether TETHER_OPS_ADDR=:7071
 VOLUME /var/lib/tether
 # 8080 public HTTP, 8443 public HTTPS and agents, 7071 metrics and health;
 # TCP leases use TETHER_TCP_PORTS (publish that range too).

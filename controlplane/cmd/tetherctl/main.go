@@ -36,7 +36,8 @@ Commands:
 type spec struct {
 	AdminURL       string `envconfig:"ADMIN_URL" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
 	AdminToken     string `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: read ADMIN_TOKEN_FILE"`
-	AdminTokenFile string `envconfig:"ADMIN_TOKEN_FILE" default:"./tether-data/admin-token" desc:"file holding the admin token (a standalone relay writes it there)"`
+	AdminTokenFile string `envconfig:"ADMIN_TOKEN_FILE" desc:"file holding the admin token; empty: <data dir>/admin-token"`
+	DataDir        string `envconfig:"DATA_DIR" default:"./tether-data" desc:"data dir of a local standalone relay, where it writes admin-token"`
 }
 
 func main() {
@@ -63,6 +64,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if err := envconfig.Process(cli.Prefix, &s); err != nil {
 		return err
+	}
+	if s.AdminTokenFile == "" {
+		s.AdminTokenFile = filepath.Join(s.DataDir, "admin-token")
 	}
 	token, err := cli.Secret(s.AdminToken, s.AdminTokenFile)
 	if err != nil {
