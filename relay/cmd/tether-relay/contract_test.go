@@ -34,7 +34,12 @@ func TestContract(t *testing.T) {
 	}
 	bin := buildBinaries(t)
 	top := t // processes live until the whole test ends
-	start := func(t *testing.T, bin, name string, env ...string) *proc { return startProc(t, top, bin, name, env...) }
+	var procs []*proc // every process started, for the log checks
+	start := func(t *testing.T, bin, name string, env ...string) *proc {
+		p := startProc(t, top, bin, name, env...)
+		procs = append(procs, p)
+		return p
+	}
 	data := t.TempDir()
 	ports := relaytest.FreePortRange(t, 8)
 	addr := map[string]string{"https": freeAddr(t), "http": freeAddr(t), "ops": freeAddr(t), "admin": freeAddr(t)}
@@ -176,6 +181,37 @@ func TestContract(t *testing.T) {
 			t.Fatalf("revoked agent: status %d: %s", agent.exitCode(), agent.stderr())
 		}
 		get(t, client, "http://web-pi01.localhost/", 503)
+	})
+
+	t.Run("ops endpoints", func(t *testing.T) {
+		waitHTTP(t, "http://"+addr["ops"]+"/healthz", 200)
+		resp, err := http.Get("http://" + addr["ops"] + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		for _, m := range []string{"tether_relay_agent_sessions", "tether_relay_handshakes_total", "tether_relay_http_requests_total", "go_goroutines"} {
+			if !strings.Contains(string(body), m) {
+				t.Errorf("/metrics lacks %s", m)
+			}
+		}
+	})
+
+	t.Run("no secret in any log line", func(t *testing.T) {
+		adminToken, _ := os.ReadFile(filepath.Join(data, "admin-token"))
+		var logs string
+		for _, p := range procs {
+			logs += p.stderr()
+		}
+		if !strings.Contains(logs, "device enrolled") {
+			t.Fatal("the logs checked do not cover the enrollment")
+		}
+		for _, secret := range []string{token, strings.TrimSpace(string(adminToken))} {
+			if strings.Contains(logs, secret) {
+				t.Errorf("a secret appears in the logs")
+			}
+		}
 	})
 
 	t.Run("help and version", func(t *testing.T) {
