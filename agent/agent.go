@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -114,6 +113,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
+func (a *Agent) dialOptions() wsmux.DialOptions {
+	return wsmux.DialOptions{TLS: &tls.Config{RootCAs: a.cfg.RootCAs}, Mux: a.cfg.Mux, DialContext: a.cfg.DialContext}
+}
+
 // conn is one session to a relay.
 type conn struct {
 	a      *Agent
@@ -144,12 +147,10 @@ func (d *drainError) wait() time.Duration {
 func (a *Agent) connect(ctx context.Context, id *identity, url string) (*conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	mux, resp, err := wsmux.Dial(dctx, url, wsmux.DialOptions{
-		TLS: &tls.Config{RootCAs: a.cfg.RootCAs},
-		Mux: a.cfg.Mux,
-	})
+	mux, err := wsmux.Dial(dctx, url, a.dialOptions())
 	if err != nil {
-		if resp != nil && resp.StatusCode == http.StatusUpgradeRequired {
+		var he *wsmux.HandshakeError
+		if errors.As(err, &he) && he.Status == 426 {
 			return nil, fmt.Errorf("relay %s speaks another protocol version than this agent (%s): upgrade the agent", url, frames.Subprotocol)
 		}
 		return nil, err

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/tetherfleet/tether/frames/wsmux/wsserver"
 	"github.com/xtaci/smux"
 )
 
@@ -91,7 +92,7 @@ func newFakeRelay(t *testing.T) *fakeRelay {
 		json.NewEncoder(w).Encode(frames.EnrollResponse{DeviceID: frames.DeviceID(req.PublicKey), Name: req.Name})
 	})
 	mux.HandleFunc(frames.ConnectPath, func(w http.ResponseWriter, r *http.Request) {
-		m, err := wsmux.Accept(w, r, wsmux.Config{})
+		m, err := wsserver.Accept(w, r, wsmux.Config{})
 		if err != nil {
 			return
 		}

@@ -5,6 +5,7 @@
 package agent
 
 import (
+	"context"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -12,7 +13,6 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -51,6 +51,10 @@ type Config struct {
 	Version string
 	// Mux tunes the smux session.
 	Mux wsmux.Config
+	// DialContext opens TCP connections to relays. Nil means a plain
+	// dialer; the fleet simulator uses it to pick source addresses and
+	// count bytes at the socket.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Logger; nil discards.
 	Logger *slog.Logger
 	// OnLeases, if set, is called with the public names of the services
@@ -65,7 +69,19 @@ type Service struct {
 	Addr  string // local host:port, e.g. "127.0.0.1:8080"
 }
 
-var serviceName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$`)
+// validServiceName reports whether s is 1-20 of a-z, 0-9 and inner '-'
+// (the control plane's rule; written out to keep regexp out of the agent).
+func validServiceName(s string) bool {
+	if len(s) == 0 || len(s) > 20 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for _, r := range s {
+		if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' {
+			return false
+		}
+	}
+	return true
+}
 
 // ParseServices parses "web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22".
 // An error names the entry that does not parse.
@@ -101,7 +117,7 @@ func parseService(entry string) (Service, error) {
 	if !ok {
 		return Service{}, errors.New("want NAME=PROTO://HOST:PORT")
 	}
-	if !serviceName.MatchString(name) {
+	if !validServiceName(name) {
 		return Service{}, fmt.Errorf("name %q must be 1-20 of a-z, 0-9 and inner '-'", name)
 	}
 	u, err := url.Parse(rawURL)

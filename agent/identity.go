@@ -1,24 +1,21 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/wsmux"
 )
 
 // identity is the device's key and enrollment record.
@@ -111,29 +108,20 @@ func (a *Agent) enroll(ctx context.Context, url string, req frames.EnrollRequest
 	body, _ := json.Marshal(req)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	status, data, err := wsmux.Post(ctx, url, body, a.dialOptions())
 	if err != nil {
 		return out, err
 	}
-	hr.Header.Set("Content-Type", "application/json")
-	hc := &http.Client{Transport: &http.Transport{Proxy: http.ProxyFromEnvironment, TLSClientConfig: &tls.Config{RootCAs: a.cfg.RootCAs}}}
-	defer hc.CloseIdleConnections()
-	resp, err := hc.Do(hr)
-	if err != nil {
-		return out, err
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if resp.StatusCode != http.StatusOK {
+	if status != 200 {
 		var e frames.HTTPError
 		json.Unmarshal(data, &e)
 		if e.Error == "" {
-			e.Error = http.StatusText(resp.StatusCode)
+			e.Error = fmt.Sprintf("HTTP %d", status)
 		}
-		if resp.StatusCode >= 400 && resp.StatusCode < 500 && resp.StatusCode != http.StatusTooManyRequests {
-			return out, &EnrollError{Status: resp.StatusCode, Message: e.Error}
+		if status >= 400 && status < 500 && status != 429 {
+			return out, &EnrollError{Status: status, Message: e.Error}
 		}
-		return out, fmt.Errorf("relay answered HTTP %d: %s", resp.StatusCode, e.Error)
+		return out, fmt.Errorf("relay answered HTTP %d: %s", status, e.Error)
 	}
 	if err := json.Unmarshal(data, &out); err != nil {
 		return out, fmt.Errorf("decode enrollment answer: %w", err)

@@ -209,7 +209,7 @@ type rawAgent struct {
 
 func dialRaw(t *testing.T, e *relaytest.Env) *rawAgent {
 	t.Helper()
-	mux, _, err := wsmux.Dial(t.Context(), e.RelayURL()+frames.ConnectPath, wsmux.DialOptions{TLS: &tls.Config{RootCAs: e.CA.Pool()}})
+	mux, err := wsmux.Dial(t.Context(), e.RelayURL()+frames.ConnectPath, wsmux.DialOptions{TLS: &tls.Config{RootCAs: e.CA.Pool()}})
 	if err != nil {
 		t.Fatal(err)
 	}

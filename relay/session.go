@@ -14,7 +14,7 @@ import (
 
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
-	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/tetherfleet/tether/frames/wsmux/wsserver"
 	"github.com/xtaci/smux"
 )
 
@@ -48,7 +48,7 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "tether: relay is draining; connect to another relay", http.StatusServiceUnavailable)
 		return
 	}
-	mux, err := wsmux.Accept(w, r, s.cfg.Mux)
+	mux, err := wsserver.Accept(w, r, s.cfg.Mux)
 	if err != nil {
 		s.metrics.handshakes.WithLabelValues("protocol").Inc()
 		s.log.Info("agent upgrade refused", "remote", r.RemoteAddr, "err", err)

@@ -1,12 +1,15 @@
 // Package cli is the command-line surface every Tether binary shares: one
-// settings struct filled from TETHER_* environment variables (envconfig)
-// or the matching flags, --help that lists them, --version, and the slog
-// logger. It carries no server dependency, so the agent can use it.
+// settings struct filled from TETHER_* environment variables or the
+// matching flags, --help that lists them, --version, and the slog logger.
+//
+// Specs use envconfig's tag vocabulary (envconfig, default, required, desc),
+// but the reader is written here: kelseyhightower/envconfig links regexp,
+// which alone would push the agent past its size budget (see cross). It
+// carries no server dependency, so the agent can use it.
 package cli
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,10 +17,10 @@ import (
 	"reflect"
 	"runtime"
 	"runtime/debug"
+	"slices"
+	"strconv"
 	"strings"
-	"text/tabwriter"
-
-	"github.com/kelseyhightower/envconfig"
+	"time"
 )
 
 // Prefix starts every environment variable.
@@ -60,42 +63,113 @@ func settings(spec any) []setting {
 // variables are refused when strict is set, so typos fail at startup.
 // about is printed at the top of --help.
 func Parse(name, version, about string, spec any, args []string, strict bool, stdout io.Writer) error {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	all := settings(spec)
-	values := make([]*string, len(all))
-	for i, s := range all {
-		values[i] = fs.String(s.flag, "", s.desc)
-	}
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
+	for i := 0; i < len(args); i++ {
+		arg := args[i]
+		if !strings.HasPrefix(arg, "-") {
+			return fmt.Errorf("unexpected argument %q (see %s --help)", arg, name)
+		}
+		key, val, hasVal := strings.Cut(strings.TrimLeft(arg, "-"), "=")
+		switch key {
+		case "h", "help":
 			Usage(stdout, name, about, spec)
 			return ErrHelp
+		case "version":
+			fmt.Fprintln(stdout, Version(name, version))
+			return ErrHelp
 		}
-		return fmt.Errorf("%w (see %s --help)", err, name)
-	}
-	if *showVersion {
-		fmt.Fprintln(stdout, Version(name, version))
-		return ErrHelp
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q (see %s --help)", fs.Arg(0), name)
-	}
-	fs.Visit(func(f *flag.Flag) {
-		for i, s := range all {
-			if s.flag == f.Name {
-				os.Setenv(s.env, *values[i])
+		j := slices.IndexFunc(all, func(s setting) bool { return s.flag == key })
+		if j < 0 {
+			return fmt.Errorf("unknown flag %s (see %s --help)", arg, name)
+		}
+		if !hasVal {
+			if i+1 >= len(args) {
+				return fmt.Errorf("flag %s needs a value (see %s --help)", arg, name)
 			}
+			i++
+			val = args[i]
 		}
-	})
+		os.Setenv(all[j].env, val) // flags win over the environment
+	}
 	if strict {
-		if err := envconfig.CheckDisallowed(Prefix, spec); err != nil {
+		if err := checkDisallowed(all); err != nil {
 			return fmt.Errorf("%w (see %s --help)", err, name)
 		}
 	}
-	if err := envconfig.Process(Prefix, spec); err != nil {
+	if err := Process(spec); err != nil {
 		return fmt.Errorf("%w (see %s --help)", err, name)
+	}
+	return nil
+}
+
+// Process fills spec from the TETHER_* environment: a variable that is set
+// (even to "") wins over the field's default; a required one must be set.
+// Fields may be string, bool, int or time.Duration.
+func Process(spec any) error {
+	v := reflect.ValueOf(spec).Elem()
+	for i, s := range settings(spec) {
+		raw, ok := os.LookupEnv(s.env)
+		if !ok {
+			if s.required {
+				return fmt.Errorf("required variable %s is not set", s.env)
+			}
+			raw = s.def
+		}
+		if err := set(v.Field(i), raw); err != nil {
+			return fmt.Errorf("%s=%q: %v", s.env, raw, err)
+		}
+	}
+	return nil
+}
+
+var durationType = reflect.TypeFor[time.Duration]()
+
+func set(f reflect.Value, raw string) error {
+	if f.Type() == durationType {
+		if raw == "" {
+			f.SetInt(0)
+			return nil
+		}
+		d, err := time.ParseDuration(raw)
+		f.SetInt(int64(d))
+		return err
+	}
+	switch f.Kind() {
+	case reflect.String:
+		f.SetString(raw)
+	case reflect.Bool:
+		b, err := strconv.ParseBool(cmpOr(raw, "false"))
+		f.SetBool(b)
+		return err
+	case reflect.Int:
+		n, err := strconv.Atoi(cmpOr(raw, "0"))
+		f.SetInt(int64(n))
+		return err
+	default:
+		panic("cli: unsupported field type " + f.Type().String())
+	}
+	return nil
+}
+
+func cmpOr(v, def string) string {
+	if v != "" {
+		return v
+	}
+	return def
+}
+
+// checkDisallowed refuses TETHER_* variables the spec does not know, so
+// typos fail at startup.
+func checkDisallowed(all []setting) error {
+	known := map[string]bool{}
+	for _, s := range all {
+		known[s.env] = true
+	}
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(k, Prefix+"_") && !known[k] {
+			return fmt.Errorf("unknown environment variable %s", k)
+		}
 	}
 	return nil
 }
@@ -103,17 +177,24 @@ func Parse(name, version, about string, spec any, args []string, strict bool, st
 // Usage prints the settings: flag, variable, default and meaning.
 func Usage(w io.Writer, name, about string, spec any) {
 	fmt.Fprintf(w, "%s\n\nUsage: %s [flags]\n\nEvery setting is an environment variable or the flag beside it (the flag wins).\n\n", about, name)
-	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "FLAG\tENVIRONMENT\tDEFAULT\tMEANING")
+	rows := [][4]string{{"FLAG", "ENVIRONMENT", "DEFAULT", "MEANING"}}
 	for _, s := range settings(spec) {
 		def := s.def
 		if s.required {
 			def = "(required)"
 		}
-		fmt.Fprintf(tw, "--%s\t%s\t%s\t%s\n", s.flag, s.env, def, s.desc)
+		rows = append(rows, [4]string{"--" + s.flag, s.env, def, s.desc})
 	}
-	fmt.Fprintf(tw, "--version\t\t\tprint the version and exit\n")
-	tw.Flush()
+	rows = append(rows, [4]string{"--version", "", "", "print the version and exit"})
+	var width [3]int
+	for _, r := range rows {
+		for i := range width {
+			width[i] = max(width[i], len(r[i]))
+		}
+	}
+	for _, r := range rows {
+		fmt.Fprintf(w, "%-*s  %-*s  %-*s  %s\n", width[0], r[0], width[1], r[1], width[2], r[2], r[3])
+	}
 }
 
 // Version describes the build: version, VCS revision when known, Go version.

@@ -1,11 +1,16 @@
-// Package wsmux carries an smux session over a WebSocket: the agent dials,
-// the relay accepts, and both use the same smux configuration.
+// Package wsmux carries an smux session over a WebSocket: the agent dials
+// with Dial, the relay accepts with package wsserver, and both use the same
+// smux configuration.
 //
 // The frames protocol version travels as the WebSocket subprotocol; a peer
 // that does not speak it is refused before smux starts. Compression is off
 // (the tunnelled bytes are usually compressed or encrypted already) and smux
 // keepalives are off: the heartbeat on the control stream is the one
 // liveness mechanism of a session.
+//
+// The client side is a small RFC 6455 implementation on crypto/tls rather
+// than coder/websocket, whose Dial needs net/http: that keeps the agent
+// within its size budget. This package must not import net/http.
 package wsmux
 
 import (
@@ -13,15 +18,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"net/http"
-	"slices"
-	"strings"
-	"time"
+	"net"
 
-	"github.com/coder/websocket"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/xtaci/smux"
 )
+
+const subprotocol = frames.Subprotocol
 
 // Config tunes the smux session. The zero value is usable.
 type Config struct {
@@ -59,12 +62,17 @@ func cmpOr(v, def int) int {
 	return def
 }
 
-// DialOptions configures Dial.
+// DialOptions configures Dial and Post.
 type DialOptions struct {
-	// TLS configures the TLS client; nil means the system roots.
+	// TLS configures the TLS client; nil means the system roots. ServerName
+	// defaults to the URL's host.
 	TLS *tls.Config
 	// Header is added to the upgrade request.
-	Header http.Header
+	Header map[string][]string
+	// DialContext opens the TCP connection; nil means a net.Dialer without
+	// TCP keepalives (the heartbeat is the liveness check). Tests and the
+	// fleet simulator use it to pick source addresses and count bytes.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Mux tunes the smux session.
 	Mux Config
 }
@@ -74,71 +82,17 @@ var ErrProtocol = errors.New("wsmux: peer does not speak " + frames.Subprotocol)
 
 // Dial opens a WebSocket to url (wss://host/_tether/connect) and starts an
 // smux client session over it. ctx bounds the dial only, not the session.
-// HTTPS_PROXY from the environment is honoured, as devices behind corporate
-// proxies need.
-func Dial(ctx context.Context, url string, o DialOptions) (*smux.Session, *http.Response, error) {
-	tr := &http.Transport{
-		Proxy:               http.ProxyFromEnvironment,
-		TLSClientConfig:     o.TLS,
-		TLSHandshakeTimeout: 10 * time.Second,
-		ForceAttemptHTTP2:   false,
-	}
-	defer tr.CloseIdleConnections()
-	c, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
-		HTTPClient:      &http.Client{Transport: tr},
-		HTTPHeader:      o.Header,
-		Subprotocols:    []string{frames.Subprotocol},
-		CompressionMode: websocket.CompressionDisabled,
-	})
+// HTTPS_PROXY from the environment is honoured (CONNECT), as devices behind
+// corporate proxies need. A refused upgrade is a *HandshakeError.
+func Dial(ctx context.Context, url string, o DialOptions) (*smux.Session, error) {
+	c, err := dialWebSocket(ctx, url, o)
 	if err != nil {
-		return nil, resp, fmt.Errorf("websocket dial %s: %w", url, err)
+		return nil, fmt.Errorf("websocket dial %s: %w", url, err)
 	}
-	if c.Subprotocol() != frames.Subprotocol {
-		c.Close(websocket.StatusProtocolError, "unsupported protocol")
-		return nil, resp, fmt.Errorf("dial %s: relay chose subprotocol %q: %w", url, c.Subprotocol(), ErrProtocol)
-	}
-	// The session outlives ctx: NetConn's context bounds the conn's life.
-	nc := websocket.NetConn(context.Background(), c, websocket.MessageBinary)
-	s, err := smux.Client(nc, o.Mux.Smux())
+	s, err := smux.Client(c, o.Mux.Smux())
 	if err != nil {
-		nc.Close()
-		return nil, resp, fmt.Errorf("start smux client: %w", err)
-	}
-	return s, resp, nil
-}
-
-// Accept upgrades r to a WebSocket and starts an smux server session over
-// it. The session lives while r's context does, so the handler must not
-// return before it is done with the session. A client that does not offer
-// the protocol's subprotocol gets 426 and no upgrade.
-func Accept(w http.ResponseWriter, r *http.Request, mux Config) (*smux.Session, error) {
-	if !offers(r, frames.Subprotocol) {
-		w.Header().Set("Sec-WebSocket-Protocol", frames.Subprotocol)
-		http.Error(w, "tether: this relay speaks "+frames.Subprotocol+"; upgrade the agent", http.StatusUpgradeRequired)
-		return nil, ErrProtocol
-	}
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{
-		Subprotocols:       []string{frames.Subprotocol},
-		CompressionMode:    websocket.CompressionDisabled,
-		InsecureSkipVerify: true, // agents are not browsers; they authenticate with their key
-	})
-	if err != nil {
-		return nil, fmt.Errorf("websocket accept: %w", err)
-	}
-	nc := websocket.NetConn(r.Context(), c, websocket.MessageBinary)
-	s, err := smux.Server(nc, mux.Smux())
-	if err != nil {
-		nc.Close()
-		return nil, fmt.Errorf("start smux server: %w", err)
+		c.Close()
+		return nil, fmt.Errorf("start smux client: %w", err)
 	}
 	return s, nil
-}
-
-func offers(r *http.Request, proto string) bool {
-	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
-		if slices.ContainsFunc(strings.Split(h, ","), func(p string) bool { return strings.TrimSpace(p) == proto }) {
-			return true
-		}
-	}
-	return false
 }

@@ -12,13 +12,14 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/tetherfleet/tether/frames/wsmux/wsserver"
 )
 
 // echoServer accepts sessions and echoes every stream the client opens.
 func echoServer(t *testing.T) *httptest.Server {
 	t.Helper()
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s, err := wsmux.Accept(w, r, wsmux.Config{})
+		s, err := wsserver.Accept(w, r, wsmux.Config{})
 		if err != nil {
 			return
 		}
@@ -46,7 +47,7 @@ func TestDialAcceptEcho(t *testing.T) {
 	}
 	srv := echoServer(t)
 	tlsConf := srv.Client().Transport.(*http.Transport).TLSClientConfig
-	s, _, err := wsmux.Dial(t.Context(), wsURL(srv), wsmux.DialOptions{TLS: tlsConf})
+	s, err := wsmux.Dial(t.Context(), wsURL(srv), wsmux.DialOptions{TLS: tlsConf})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +106,7 @@ func TestDialRejectsServerWithoutSubprotocol(t *testing.T) {
 	}))
 	defer srv.Close()
 	tlsConf := srv.Client().Transport.(*http.Transport).TLSClientConfig
-	_, _, err := wsmux.Dial(t.Context(), wsURL(srv), wsmux.DialOptions{TLS: tlsConf})
+	_, err := wsmux.Dial(t.Context(), wsURL(srv), wsmux.DialOptions{TLS: tlsConf})
 	if !errors.Is(err, wsmux.ErrProtocol) {
 		t.Fatalf("got %v, want ErrProtocol", err)
 	}

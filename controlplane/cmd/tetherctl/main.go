@@ -17,7 +17,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/kelseyhightower/envconfig"
 	"github.com/tetherfleet/tether/agent/cli"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/httpapi"
@@ -62,7 +61,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, cli.Version("tetherctl", version))
 		return nil
 	}
-	if err := envconfig.Process(cli.Prefix, &s); err != nil {
+	if err := cli.Process(&s); err != nil {
 		return err
 	}
 	if s.AdminTokenFile == "" {

@@ -33,7 +33,7 @@ func TestContract(t *testing.T) {
 		t.Skip("builds the binaries")
 	}
 	bin := buildBinaries(t)
-	top := t // processes live until the whole test ends
+	top := t          // processes live until the whole test ends
 	var procs []*proc // every process started, for the log checks
 	start := func(t *testing.T, bin, name string, env ...string) *proc {
 		p := startProc(t, top, bin, name, env...)
