@@ -7,7 +7,7 @@ CMDS     := ./relay/cmd/tether-relay ./agent/cmd/tether-agent ./controlplane/cmd
 export CGO_ENABLED := 0
 export GOTOOLCHAIN := local
 
-.PHONY: help build run test test-short fuzz clean
+.PHONY: help build run test test-short tools cross fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,12 +20,22 @@ run: build ## start the demo: a standalone relay and an agent exposing a demo pa
 	$(GO) build -o bin/tether-demo ./relay/cmd/tether-demo
 	./bin/tether-demo
 
-test: ## go vet, then every test with the race detector (what CI runs)
+tools: ## install what the tests need: qemu-user-static (Debian) for the ARM smoke test
+	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing qemu-user-static"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null; \
+	else echo "make tools: install qemu-user-static (as root) to run the ARM smoke test"; fi
+
+test: tools ## go vet, then every test with the race detector (what CI runs)
 	$(GO) vet ./...
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
 
 test-short: ## the tests without the race detector, faster
 	$(GO) test -count=1 ./...
+
+cross: ## build every target into ./dist with SHA256SUMS; fails when a size budget is exceeded
+	$(GO) run ./cross/cmd/xbuild -out dist -version $(VERSION)
 
 fuzz: ## fuzz the frame decoder for a minute
 	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 60s ./frames
