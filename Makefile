@@ -7,7 +7,7 @@ CMDS     := ./relay/cmd/tether-relay ./agent/cmd/tether-agent ./controlplane/cmd
 export CGO_ENABLED := 0
 export GOTOOLCHAIN := local
 
-.PHONY: help build run test test-short tools cross fuzz clean
+.PHONY: help build run test test-short tools cross bench fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test-short: ## the tests without the race detector, faster
 
 cross: ## build every target into ./dist with SHA256SUMS; fails when a size budget is exceeded
 	$(GO) run ./cross/cmd/xbuild -out dist -version $(VERSION)
+
+bench: ## measure throughput, req/s, latency, CPU, memory, idle cost and a reconnect storm against direct; writes BENCHMARKS.md (BENCH_QUICK=1: ~2 min)
+	$(GO) run ./cross/cmd/bench -out BENCHMARKS.md
 
 fuzz: ## fuzz the frame decoder for a minute
 	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 60s ./frames

@@ -1,0 +1,116 @@
+// Command bench is `make bench`: it measures Tether on loopback against the
+// same measurement without the tunnel (direct), in the same run, and writes
+// the table to BENCHMARKS.md.
+//
+// The relay and the agent are the real binaries, each its own process, so
+// their CPU time and memory are read from /proc separately. The fleet
+// simulator runs many agents (the agent package, each with its own key and
+// its own wss connection) inside this process, spread over 127.0.0.x
+// source addresses. wrk and hey come from Debian and are installed when
+// missing. BENCH_QUICK=1 runs smaller sizes and shorter windows.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// settings of a run.
+type settings struct {
+	quick      bool
+	reps       int
+	bulk       int64         // bytes per throughput run
+	loadFor    time.Duration // wrk/hey duration per run
+	fleets     []int         // simulated fleet sizes
+	idleWindow time.Duration // window for the idle wire cost
+	stormFleet int
+	heartbeat  time.Duration
+	out        string
+}
+
+func main() {
+	out := flag.String("out", "BENCHMARKS.md", "where the table is written")
+	flag.Parse()
+	s := settings{quick: os.Getenv("BENCH_QUICK") != "", reps: 3, heartbeat: 15 * time.Second, out: *out}
+	if s.quick {
+		s.bulk, s.loadFor, s.fleets, s.idleWindow, s.stormFleet = 128<<20, 2*time.Second, []int{1000}, 15*time.Second, 1000
+	} else {
+		s.bulk, s.loadFor, s.fleets, s.idleWindow, s.stormFleet = 1<<30, 5*time.Second, []int{1000, 10000}, 30*time.Second, 10000
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	limit := 12 * time.Minute
+	if s.quick {
+		limit = 3 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, limit) // every load loop is bounded
+	defer cancel()
+	start := time.Now()
+	if err := run(ctx, s); err != nil {
+		log.Fatalf("bench: %v", err)
+	}
+	log.Printf("bench done in %v; table in %s", time.Since(start).Round(time.Second), s.out)
+}
+
+func run(ctx context.Context, s settings) error {
+	raiseFDLimit()
+	if err := ensureTools(); err != nil {
+		return err
+	}
+	env, err := newEnv(ctx, s)
+	if err != nil {
+		return err
+	}
+	defer env.close()
+	r := &report{settings: s, started: time.Now()}
+	log.Printf("throughput (%d MiB per run, %d runs each)", s.bulk>>20, s.reps)
+	if err := benchThroughput(ctx, env, r); err != nil {
+		return fmt.Errorf("throughput: %w", err)
+	}
+	log.Printf("HTTP load (%v per run)", s.loadFor)
+	if err := benchHTTP(ctx, env, r); err != nil {
+		return fmt.Errorf("http load: %w", err)
+	}
+	for _, n := range s.fleets {
+		log.Printf("fleet of %d idle agents", n)
+		if err := benchFleet(ctx, env, r, n, n == s.stormFleet); err != nil {
+			return fmt.Errorf("fleet of %d: %w", n, err)
+		}
+	}
+	return r.write(machine())
+}
+
+func numCPU() int { return runtime.NumCPU() }
+
+func machine() string {
+	host, _ := os.Hostname()
+	cpu := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				cpu = strings.TrimSpace(strings.SplitN(l, ":", 2)[1])
+				break
+			}
+		}
+	}
+	return fmt.Sprintf("%s, %d cores (%s), %s %s/%s", host, runtime.NumCPU(), cpu, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+func raiseFDLimit() {
+	var l syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l) == nil {
+		l.Cur = max(l.Cur, min(l.Max, 1<<20))
+		if l.Max < 200000 {
+			l.Max, l.Cur = 200000, 200000 // as root; ignored otherwise
+		}
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
+	}
+}

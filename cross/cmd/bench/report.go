@@ -1,0 +1,143 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"time"
+)
+
+// row is one figure: the direct baseline (if any) and through the tunnel.
+type row struct {
+	name           string
+	direct, tunnel []float64
+	higherBetter   bool
+	goal, note     string
+}
+
+type report struct {
+	settings settings
+	started  time.Time
+	rows     []row
+}
+
+func (r *report) add(x row) {
+	r.rows = append(r.rows, x)
+	fmt.Printf("  %-48s direct %-22s tunnel %-22s %s %s\n", x.name, summary(x.direct), summary(x.tunnel), ratio(x), x.note)
+}
+
+// summary is "median (min..max)".
+func summary(v []float64) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	s := slices.Sorted(slices.Values(v))
+	med := s[len(s)/2]
+	if len(s)%2 == 0 {
+		med = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	if len(s) == 1 {
+		return num(med)
+	}
+	return fmt.Sprintf("%s (%s..%s)", num(med), num(s[0]), num(s[len(s)-1]))
+}
+
+func median(v []float64) float64 {
+	s := slices.Sorted(slices.Values(v))
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 0 {
+		return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return s[len(s)/2]
+}
+
+func num(f float64) string {
+	switch {
+	case f >= 100:
+		return fmt.Sprintf("%.0f", f)
+	case f >= 10:
+		return fmt.Sprintf("%.1f", f)
+	default:
+		return fmt.Sprintf("%.3g", f)
+	}
+}
+
+// ratio is tunnel/direct of the medians.
+func ratio(x row) string {
+	if len(x.direct) == 0 || median(x.direct) == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f×", median(x.tunnel)/median(x.direct))
+}
+
+const analysisMarker = "## Analysis"
+
+// write renders BENCHMARKS.md, keeping the hand-written analysis that
+// follows analysisMarker in the existing file.
+func (r *report) write(machine string) error {
+	var b bytes.Buffer
+	rev, _ := exec.Command("git", "describe", "--always", "--dirty").Output()
+	mode := "make bench"
+	if r.settings.quick {
+		mode = "BENCH_QUICK=1 make bench"
+	}
+	fmt.Fprintf(&b, "# Benchmarks\n\nMeasured by `%s` on %s, %s, at %s (took %v).\n\n",
+		mode, r.started.UTC().Format("2006-01-02 15:04 MST"), machine, strings.TrimSpace(string(rev)), time.Since(r.started).Round(time.Second))
+	fmt.Fprintf(&b, "Everything runs on loopback on this one machine: the relay and the agent are the real binaries, each its own process; "+
+		"the load generators (wrk, hey, Go clients) and the origin services share the same %d cores. "+
+		"Each figure is the median of %d runs with min..max; *direct* is the same measurement against the origin service without the tunnel, "+
+		"in the same run, and the ratio is tunnel/direct. Goals are from the issue, measured on peers the same way; they are targets, not assertions.\n\n",
+		numCPU(), r.settings.reps)
+	b.WriteString("| figure | direct | through Tether | ratio | goal | notes |\n|---|---|---|---|---|---|\n")
+	for _, x := range r.rows {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(x.name), summary(x.direct), summary(x.tunnel), ratio(x), dash(x.goal), x.note)
+	}
+	b.WriteString("\n")
+	if old, err := os.ReadFile(r.settings.out); err == nil {
+		if i := bytes.Index(old, []byte(analysisMarker)); i >= 0 {
+			b.Write(old[i:])
+		}
+	}
+	if !bytes.Contains(b.Bytes(), []byte(analysisMarker)) {
+		b.WriteString(analysisMarker + "\n\n(to be written after a run)\n")
+	}
+	return os.WriteFile(r.settings.out, b.Bytes(), 0o644)
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "–"
+	}
+	return s
+}
+
+// ensureTools installs wrk and hey from Debian when missing.
+func ensureTools() error {
+	var missing []string
+	for _, t := range []string{"wrk", "hey"} {
+		if _, err := exec.LookPath(t); err != nil {
+			missing = append(missing, t)
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%v missing: install them (apt-get install %s) or run as root", missing, strings.Join(missing, " "))
+	}
+	fmt.Printf("installing %v from Debian\n", missing)
+	if out, err := exec.Command("apt-get", "update", "-qq").CombinedOutput(); err != nil {
+		return fmt.Errorf("apt-get update: %v\n%s", err, out)
+	}
+	cmd := exec.Command("apt-get", append([]string{"install", "-y", "-qq"}, missing...)...)
+	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("apt-get install %v: %v\n%s", missing, err, out)
+	}
+	return nil
+}
