@@ -246,7 +246,7 @@ func dialWebSocket(ctx context.Context, rawURL string, o DialOptions) (*wsConn, 
 		conn.Close()
 		return nil, fmt.Errorf("send upgrade request: %w", err)
 	}
-	br := bufio.NewReaderSize(conn, 32<<10)
+	br := bufio.NewReaderSize(conn, 4<<10) // larger reads bypass it
 	status, h, err := readResponseHead(br)
 	if err != nil {
 		conn.Close()
@@ -296,7 +296,6 @@ type wsConn struct {
 	rerr      error
 
 	wmu    sync.Mutex
-	wbuf   []byte
 	closed bool
 }
 
@@ -394,33 +393,56 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// writeFrame writes one masked frame with a single write to the conn.
-func (c *wsConn) writeFrame(op byte, p []byte) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.closed {
-		return net.ErrClosed
+// WriteBuffers writes the buffers as one message. smux uses it for each
+// frame (header, payload), which spares it a 64 KB buffer per session.
+func (c *wsConn) WriteBuffers(v [][]byte) (int, error) {
+	if err := c.writeFrame(opBinary, v...); err != nil {
+		return 0, err
 	}
-	b := append(c.wbuf[:0], 0x80|op)
+	n := 0
+	for _, b := range v {
+		n += len(b)
+	}
+	return n, nil
+}
+
+// framePool holds frame buffers shared by all connections, so an idle
+// connection keeps none.
+var framePool = sync.Pool{New: func() any { return new([]byte) }}
+
+// writeFrame writes one masked frame, the concatenation of ps, with a
+// single write to the conn.
+func (c *wsConn) writeFrame(op byte, ps ...[]byte) error {
+	size := 0
+	for _, p := range ps {
+		size += len(p)
+	}
+	bp := framePool.Get().(*[]byte)
+	defer framePool.Put(bp)
+	b := append((*bp)[:0], 0x80|op)
 	switch {
-	case len(p) < 126:
-		b = append(b, 0x80|byte(len(p)))
-	case len(p) <= 0xffff:
+	case size < 126:
+		b = append(b, 0x80|byte(size))
+	case size <= 0xffff:
 		b = append(b, 0x80|126)
-		b = binary.BigEndian.AppendUint16(b, uint16(len(p)))
+		b = binary.BigEndian.AppendUint16(b, uint16(size))
 	default:
 		b = append(b, 0x80|127)
-		b = binary.BigEndian.AppendUint64(b, uint64(len(p)))
+		b = binary.BigEndian.AppendUint64(b, uint64(size))
 	}
 	var key [4]byte
 	rand.Read(key[:])
 	b = append(b, key[:]...)
 	start := len(b)
-	b = append(b, p...)
+	for _, p := range ps {
+		b = append(b, p...)
+	}
 	mask(b[start:], key)
-	c.wbuf = b
-	if cap(c.wbuf) > 256<<10 {
-		c.wbuf = nil // do not keep a large buffer per idle connection
+	*bp = b
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed {
+		return net.ErrClosed
 	}
 	_, err := c.Conn.Write(b)
 	return err

@@ -34,9 +34,9 @@ import (
 )
 
 const (
-	defaultAcceptBacklog = 1024
+	defaultAcceptBacklog = 256 // TETHER PATCH: was 1024 (see PATCH.md)
 	minShaperNotifySize  = 16
-	maxShaperSize        = 1024
+	maxShaperSize        = 128              // TETHER PATCH: was 1024; 57 KB per session (see PATCH.md)
 	openCloseTimeout     = 30 * time.Second // Timeout for opening/closing streams
 )
 
