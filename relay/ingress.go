@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
@@ -96,11 +97,23 @@ func (s *Server) newProxy() http.Handler {
 		Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
 			return r.Context().Value(routeKey{}).(*proxyRoute).sess.http.RoundTrip(r)
 		}),
-		FlushInterval: -1,
+		// Zero: ReverseProxy itself flushes at once for text/event-stream and
+		// for bodies of unknown length (streaming), and lets a known-length
+		// body go out without a flush per write (-1 cost a syscall per write).
+		FlushInterval: 0,
+		BufferPool:    copyBuffers{},
 		ErrorHandler:  s.proxyError,
-		ErrorLog:      nil,
 	}
 }
+
+// copyBuffers lends ReverseProxy its 32 KB copy buffers from a pool
+// instead of allocating one per response.
+type copyBuffers struct{}
+
+var copyBufferPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (copyBuffers) Get() []byte  { return *copyBufferPool.Get().(*[]byte) }
+func (copyBuffers) Put(b []byte) { copyBufferPool.Put(&b) }
 
 func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	rt := r.Context().Value(routeKey{}).(*proxyRoute)

@@ -297,3 +297,23 @@ func (p *proc) rss() (cur, peak int64) {
 	}
 	return cur, peak
 }
+
+// relayLive is the relay's live memory: heap and goroutine stacks in use,
+// from its own /metrics (RSS also holds garbage not yet collected).
+func (e *env) relayLive() int64 {
+	resp, err := http.Get("http://" + e.opsAddr + "/metrics")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	var total int64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && (f[0] == "go_memstats_heap_inuse_bytes" || f[0] == "go_memstats_stack_inuse_bytes") {
+			v, _ := strconv.ParseFloat(f[1], 64)
+			total += int64(v)
+		}
+	}
+	return total
+}

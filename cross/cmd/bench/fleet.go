@@ -56,6 +56,7 @@ func benchFleet(ctx context.Context, e *env, r *report, n int, storm bool) error
 	defer stopFleet()
 	var wg sync.WaitGroup
 	before, _ := e.relay.rss()
+	liveBefore := e.relayLive()
 	quiet := slog.New(slog.DiscardHandler)
 	begin := time.Now()
 	for i := range n {
@@ -103,8 +104,9 @@ func benchFleet(ctx context.Context, e *env, r *report, n int, storm bool) error
 	log.Printf("  %d agents enrolled and registered in %v", n, time.Since(begin).Round(time.Millisecond))
 	settle(ctx, 3*time.Second)
 	after, _ := e.relay.rss()
+	live := e.relayLive() - liveBefore
 	r.add(row{name: fmt.Sprintf("relay memory per idle agent, %d agents (KB)", n), tunnel: []float64{float64(after-before) / float64(n) / 1e3},
-		goal: "≤ 30", note: fmt.Sprintf("relay RSS %.0f → %.0f MB", float64(before)/1e6, float64(after)/1e6)})
+		goal: "≤ 30", note: fmt.Sprintf("RSS %.0f → %.0f MB; live heap + stacks %.1f KB per agent", float64(before)/1e6, float64(after)/1e6, float64(live)/float64(n)/1e3)})
 
 	u0, d0, t0 := up.Load(), down.Load(), time.Now()
 	settle(ctx, e.s.idleWindow)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
@@ -294,4 +295,25 @@ func benchHTTP(ctx context.Context, e *env, r *report) error {
 	r.add(row{name: "HTTP at a fixed 1 000 req/s: p50 (ms)", direct: d50, tunnel: t50, goal: "≤ 0.6"})
 	r.add(row{name: "  p99 (ms)", direct: d99, tunnel: t99, goal: "≤ 1.2"})
 	return nil
+}
+
+// profileRelay captures 5 s of the relay's CPU profile under wrk load.
+func profileRelay(ctx context.Context, e *env, path string) error {
+	done := make(chan error, 1)
+	go func() { _, err := runWrk(ctx, 7*time.Second, e.host, "http://"+e.httpAddr+"/1k", false); done <- err }()
+	time.Sleep(time.Second)
+	resp, err := http.Get("http://" + e.opsAddr + "/debug/pprof/profile?seconds=5")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		return err
+	}
+	return <-done
 }

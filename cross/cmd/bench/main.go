@@ -33,13 +33,15 @@ type settings struct {
 	idleWindow time.Duration // window for the idle wire cost
 	stormFleet int
 	heartbeat  time.Duration
+	profile    string // write a relay CPU profile instead of benchmarking
 	out        string
 }
 
 func main() {
 	out := flag.String("out", "BENCHMARKS.md", "where the table is written")
+	profile := flag.String("profile", "", "instead of the benchmarks: write a CPU profile of the relay under HTTP keep-alive load to this file")
 	flag.Parse()
-	s := settings{quick: os.Getenv("BENCH_QUICK") != "", reps: 3, heartbeat: 15 * time.Second, out: *out}
+	s := settings{quick: os.Getenv("BENCH_QUICK") != "", reps: 3, heartbeat: 15 * time.Second, out: *out, profile: *profile}
 	if s.quick {
 		s.bulk, s.loadFor, s.fleets, s.idleWindow, s.stormFleet = 128<<20, 2*time.Second, []int{1000}, 15*time.Second, 1000
 	} else {
@@ -70,6 +72,9 @@ func run(ctx context.Context, s settings) error {
 		return err
 	}
 	defer env.close()
+	if s.profile != "" {
+		return profileRelay(ctx, env, s.profile)
+	}
 	r := &report{settings: s, started: time.Now()}
 	log.Printf("throughput (%d MiB per run, %d runs each)", s.bulk>>20, s.reps)
 	if err := benchThroughput(ctx, env, r); err != nil {
