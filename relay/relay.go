@@ -229,10 +229,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	go func() { s.wg.Wait(); close(done) }()
 	select {
 	case <-done:
-		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("relay shutdown: %w", ctx.Err())
 	}
+	// One request marks every session of this relay ended.
+	if err := s.cp.ResetRelay(ctx, s.cfg.RelayID); err != nil {
+		return fmt.Errorf("relay shutdown: report sessions ended: %w", err)
+	}
+	return nil
 }
 
 // Close stops the relay at once.

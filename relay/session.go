@@ -83,10 +83,14 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 		err = sess.controlLoop()
 	}
 	s.reg.remove(sess)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if derr := s.cp.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: sess.deviceID, Generation: sess.gen}); derr != nil {
-		sess.log.Warn("report disconnect to control plane", "err", derr)
+	// A relay that shuts down reports all its sessions ended at once
+	// (ResetRelay in Shutdown) instead of one request per session.
+	if !s.isDraining() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if derr := s.cp.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: sess.deviceID, Generation: sess.gen}); derr != nil {
+			sess.log.Warn("report disconnect to control plane", "err", derr)
+		}
 	}
 	sess.log.Info("agent disconnected", "generation", sess.gen, "reason", err)
 }

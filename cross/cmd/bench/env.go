@@ -298,9 +298,14 @@ func (p *proc) rss() (cur, peak int64) {
 	return cur, peak
 }
 
-// relayLive is the relay's live memory: heap and goroutine stacks in use,
-// from its own /metrics (RSS also holds garbage not yet collected).
+// relayLive is the relay's live memory: heap and goroutine stacks in use
+// right after a garbage collection (RSS also holds garbage not yet
+// collected). The relay's pprof endpoint runs the collection.
 func (e *env) relayLive() int64 {
+	if resp, err := http.Get("http://" + e.opsAddr + "/debug/pprof/heap?gc=1"); err == nil {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
 	resp, err := http.Get("http://" + e.opsAddr + "/metrics")
 	if err != nil {
 		return 0
