@@ -60,7 +60,10 @@ var (
 const schemaVersion = "1"
 
 // Store is the control plane's state. It is safe for concurrent use and
-// implements controlplane.Relays.
+// implements controlplane.Relays. The operations relays call in bursts
+// (enroll, connect, register, disconnect) use bbolt's Batch, so concurrent
+// calls share one transaction and one fsync; their closures reset their
+// results first, since Batch may run one again after another fails.
 type Store struct {
 	db  *bolt.DB
 	cfg Config
@@ -90,6 +93,9 @@ func Open(cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", cfg.Path, err)
 	}
+	// A lone Batch call waits this long for others to share its
+	// transaction: enough to gather a reconnect storm, little for one device.
+	db.MaxBatchDelay = 2 * time.Millisecond
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range allBuckets {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
@@ -182,7 +188,8 @@ func (s *Store) Enroll(ctx context.Context, req controlplane.EnrollRequest) (con
 	id := frames.DeviceID(req.PublicKey)
 	now := s.cfg.Now().UTC()
 	var resp controlplane.EnrollResponse
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Batch(func(tx *bolt.Tx) error {
+		resp = controlplane.EnrollResponse{} // Batch may run this more than once
 		tokens := tx.Bucket(bucketTokens)
 		key := tokenKey(req.Token)
 		var tok controlplane.Token
@@ -253,7 +260,8 @@ func (s *Store) Connect(ctx context.Context, req controlplane.ConnectRequest) (c
 	now := s.cfg.Now().UTC()
 	var resp controlplane.ConnectResponse
 	var refused error
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Batch(func(tx *bolt.Tx) error {
+		resp, refused = controlplane.ConnectResponse{}, nil // Batch may run this more than once
 		devices := tx.Bucket(bucketDevices)
 		var d controlplane.Device
 		if ok, err := getJSON(devices, []byte(id), &d); err != nil {
@@ -282,6 +290,7 @@ func (s *Store) Connect(ctx context.Context, req controlplane.ConnectRequest) (c
 		}
 		d.Generation++
 		d.Online, d.Relay, d.ConnectedAt, d.LastSeen = true, req.RelayID, now, now
+		d.Services = nil // unknown until this session registers; its leases are not online before
 		if req.AgentVersion != "" {
 			d.AgentVersion = req.AgentVersion
 		}
@@ -309,7 +318,8 @@ func (s *Store) Register(ctx context.Context, req controlplane.RegisterRequest) 
 	}
 	now := s.cfg.Now().UTC()
 	var out []controlplane.Lease
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Batch(func(tx *bolt.Tx) error {
+		out = nil // Batch may run this more than once
 		d, err := s.sessionDevice(tx, req.DeviceID, req.Generation)
 		if err != nil {
 			return err
@@ -576,7 +586,7 @@ func (s *Store) Revoke(ctx context.Context, nameOrID string) (controlplane.Devic
 }
 
 func (s *Store) updateDevice(id string, fn func(*controlplane.Device) bool) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.db.Batch(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketDevices)
 		var d controlplane.Device
 		if ok, err := getJSON(b, []byte(id), &d); err != nil || !ok {

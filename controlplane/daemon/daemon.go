@@ -17,7 +17,6 @@ import (
 	"strings"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/boltstore"
 	"github.com/tetherfleet/tether/controlplane/httpapi"
@@ -54,7 +53,7 @@ type Daemon struct {
 	// TokenGenerated is true when AdminToken was created by this start.
 	TokenGenerated bool
 
-	svc micro.Service
+	svc *natsapi.Service
 }
 
 // Start opens the store and serves the control plane on nc until Close.

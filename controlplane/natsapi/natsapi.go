@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -38,9 +39,27 @@ type ServiceConfig struct {
 	Logger *slog.Logger
 }
 
+// Service is the running NATS service.
+type Service struct {
+	svc      micro.Service
+	inflight sync.WaitGroup
+}
+
+// Stop stops serving and waits for the requests being handled.
+func (s *Service) Stop() error {
+	err := s.svc.Stop()
+	s.inflight.Wait()
+	return err
+}
+
+// maxConcurrent bounds the requests handled at once; concurrent store
+// writes share a transaction (boltstore uses bbolt's Batch).
+const maxConcurrent = 256
+
 // Serve registers the control plane's endpoints on nc and serves until
-// ctx ends or the returned service is stopped.
-func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (micro.Service, error) {
+// ctx ends or the returned service is stopped. Requests are handled
+// concurrently, up to maxConcurrent at once.
+func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (*Service, error) {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -58,15 +77,17 @@ func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (micro.Service
 		return nil, fmt.Errorf("add micro service: %w", err)
 	}
 	st := cfg.Store
+	service := &Service{svc: svc}
+	h := &handler{log: log, sem: make(chan struct{}, maxConcurrent), inflight: &service.inflight}
 	endpoints := map[string]micro.Handler{
-		controlplane.SubjectEnroll:   handle(log, st.Enroll),
-		controlplane.SubjectRegister: handle(log, st.Register),
-		controlplane.SubjectLookup:   handle(log, st.Lookup),
-		controlplane.SubjectDisconnect: handle(log, func(ctx context.Context, r controlplane.DisconnectRequest) (struct{}, error) {
+		controlplane.SubjectEnroll:   handle(h, st.Enroll),
+		controlplane.SubjectRegister: handle(h, st.Register),
+		controlplane.SubjectLookup:   handle(h, st.Lookup),
+		controlplane.SubjectDisconnect: handle(h, func(ctx context.Context, r controlplane.DisconnectRequest) (struct{}, error) {
 			return struct{}{}, st.Disconnect(ctx, r)
 		}),
-		controlplane.SubjectResetRelay: handle(log, func(ctx context.Context, id string) (struct{}, error) { return struct{}{}, st.ResetRelay(ctx, id) }),
-		controlplane.SubjectConnect: handle(log, func(ctx context.Context, r controlplane.ConnectRequest) (controlplane.ConnectResponse, error) {
+		controlplane.SubjectResetRelay: handle(h, func(ctx context.Context, id string) (struct{}, error) { return struct{}{}, st.ResetRelay(ctx, id) }),
+		controlplane.SubjectConnect: handle(h, func(ctx context.Context, r controlplane.ConnectRequest) (controlplane.ConnectResponse, error) {
 			resp, err := st.Connect(ctx, r)
 			if err == nil {
 				// Relays holding an older session of the device close it.
@@ -82,36 +103,52 @@ func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (micro.Service
 			return nil, fmt.Errorf("add endpoint %s: %w", name, err)
 		}
 	}
-	context.AfterFunc(ctx, func() { svc.Stop() })
-	return svc, nil
+	context.AfterFunc(ctx, func() { service.Stop() })
+	return service, nil
 }
 
-func handle[Req, Resp any](log *slog.Logger, fn func(context.Context, Req) (Resp, error)) micro.Handler {
+// handler runs each request in its own goroutine, bounded by sem.
+type handler struct {
+	log      *slog.Logger
+	sem      chan struct{}
+	inflight *sync.WaitGroup
+}
+
+func handle[Req, Resp any](h *handler, fn func(context.Context, Req) (Resp, error)) micro.Handler {
 	return micro.HandlerFunc(func(r micro.Request) {
-		var env envelope
-		var req Req
-		if err := json.Unmarshal(r.Data(), &req); err != nil {
-			env.Error = controlplane.Errorf(controlplane.KindInvalid, "decode request on %s: %v", r.Subject(), err)
-		} else {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			resp, err := fn(ctx, req)
-			cancel()
-			if err != nil {
-				var ce *controlplane.Error
-				if !errors.As(err, &ce) {
-					log.Error("control plane request failed", "subject", r.Subject(), "err", err)
-					ce = controlplane.Errorf(controlplane.KindInternal, "internal error")
-				}
-				env.Error = ce
-			} else {
-				env.Result, _ = json.Marshal(resp)
-			}
-		}
-		data, _ := json.Marshal(env)
-		if err := r.Respond(data); err != nil {
-			log.Warn("reply to control plane request", "subject", r.Subject(), "err", err)
-		}
+		h.sem <- struct{}{} // back-pressure: the subscription waits while all are busy
+		h.inflight.Go(func() {
+			defer func() { <-h.sem }()
+			serve(h.log, r, fn)
+		})
 	})
+}
+
+// serve answers one request with the envelope of fn's result.
+func serve[Req, Resp any](log *slog.Logger, r micro.Request, fn func(context.Context, Req) (Resp, error)) {
+	var env envelope
+	var req Req
+	if err := json.Unmarshal(r.Data(), &req); err != nil {
+		env.Error = controlplane.Errorf(controlplane.KindInvalid, "decode request on %s: %v", r.Subject(), err)
+	} else {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		resp, err := fn(ctx, req)
+		cancel()
+		if err != nil {
+			var ce *controlplane.Error
+			if !errors.As(err, &ce) {
+				log.Error("control plane request failed", "subject", r.Subject(), "err", err)
+				ce = controlplane.Errorf(controlplane.KindInternal, "internal error")
+			}
+			env.Error = ce
+		} else {
+			env.Result, _ = json.Marshal(resp)
+		}
+	}
+	data, _ := json.Marshal(env)
+	if err := r.Respond(data); err != nil {
+		log.Warn("reply to control plane request", "subject", r.Subject(), "err", err)
+	}
 }
 
 // Publish sends a device event to every relay.

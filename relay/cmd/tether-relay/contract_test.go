@@ -74,17 +74,22 @@ func TestContract(t *testing.T) {
 		"TETHER_SERVICES=web=" + web.URL + ",ssh=tcp://" + ssh,
 	}
 	agent := start(t, bin, "tether-agent", append(agentEnv, "TETHER_ENROLL_TOKEN="+token)...)
-	leases := waitLeases(t, bin, ctlEnv, 2)
+	leases, gen := waitLeases(t, bin, ctlEnv, 2, 0)
 
 	client := publicClient(t, filepath.Join(data, "ca.pem"), addr)
 	checkServed := func() {
 		t.Helper()
-		for _, u := range []string{"http://web-pi01.localhost/", "https://web-pi01.localhost/"} {
-			body := get(t, client, u, 200)
-			if !strings.Contains(body, "web on pi01 via "+strings.Split(u, ":")[0]) {
-				t.Fatalf("%s: %q", u, body)
+		// The control plane reports a session's leases a moment before the
+		// relay has made it routable: wait for the relay, not the listing.
+		relaytest.Eventually(t, 10*time.Second, func() error {
+			for _, u := range []string{"http://web-pi01.localhost/", "https://web-pi01.localhost/"} {
+				code, body := tryGet(client, u)
+				if code != 200 || !strings.Contains(body, "web on pi01 via "+strings.Split(u, ":")[0]) {
+					return fmt.Errorf("%s: %d %q", u, code, body)
+				}
 			}
-		}
+			return nil
+		})
 		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", leases["ssh"].Port))
 		if err != nil {
 			t.Fatal(err)
@@ -115,7 +120,9 @@ func TestContract(t *testing.T) {
 			t.Fatalf("agent exit status after SIGTERM: %d", code)
 		}
 		agent = start(t, bin, "tether-agent", agentEnv...)
-		if again := waitLeases(t, bin, ctlEnv, 2); fmt.Sprint(again) != fmt.Sprint(leases) {
+		again, g := waitLeases(t, bin, ctlEnv, 2, gen)
+		gen = g
+		if fmt.Sprint(again) != fmt.Sprint(leases) {
 			t.Fatalf("leases changed: %v then %v", leases, again)
 		}
 		checkServed()
@@ -144,7 +151,9 @@ func TestContract(t *testing.T) {
 			relay.stop(t, sig)
 			relay = start(t, bin, "tether-relay", relayEnv...)
 			waitHTTP(t, "http://"+addr["ops"]+"/readyz", 200)
-			if again := waitLeases(t, bin, ctlEnv, 2); fmt.Sprint(again) != fmt.Sprint(leases) {
+			again, g := waitLeases(t, bin, ctlEnv, 2, gen)
+			gen = g
+			if fmt.Sprint(again) != fmt.Sprint(leases) {
 				t.Fatalf("after %v: leases %v, want %v", sig, again, leases)
 			}
 			checkServed()
@@ -338,10 +347,13 @@ func ctl(t *testing.T, bin string, env []string, args ...string) string {
 	return string(out)
 }
 
-// waitLeases waits until tetherctl shows n online leases and returns them by service.
-func waitLeases(t *testing.T, bin string, env []string, n int) map[string]controlplane.Lease {
+// waitLeases waits until tetherctl shows n online leases of a session newer
+// than generation after, and returns them by service (generation cleared)
+// with the session's generation.
+func waitLeases(t *testing.T, bin string, env []string, n int, after uint64) (map[string]controlplane.Lease, uint64) {
 	t.Helper()
 	var out map[string]controlplane.Lease
+	var gen uint64
 	relaytest.Eventually(t, 20*time.Second, func() error {
 		cmd := exec.Command(filepath.Join(bin, "tetherctl"), "leases", "--json")
 		cmd.Env = append(os.Environ(), env...)
@@ -355,17 +367,18 @@ func waitLeases(t *testing.T, bin string, env []string, n int) map[string]contro
 		}
 		out = map[string]controlplane.Lease{}
 		for _, l := range ls {
-			if l.Online {
+			if l.Online && l.Generation > after {
+				gen = l.Generation
 				l.Generation, l.CreatedAt = 0, time.Time{}
 				out[l.Service] = l
 			}
 		}
 		if len(out) != n {
-			return fmt.Errorf("%d of %d leases online: %s", len(out), n, raw)
+			return fmt.Errorf("%d of %d leases online in a session after %d: %s", len(out), n, after, raw)
 		}
 		return nil
 	})
-	return out
+	return out, gen
 }
 
 func waitHTTP(t *testing.T, url string, status int) {
@@ -403,6 +416,16 @@ func publicClient(t *testing.T, caFile string, addr map[string]string) *http.Cli
 		},
 		DisableKeepAlives: true,
 	}}
+}
+
+func tryGet(c *http.Client, url string) (int, string) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 func get(t *testing.T, c *http.Client, url string, status int) string {

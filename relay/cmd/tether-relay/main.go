@@ -116,7 +116,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 			return err
 		}
 		closers = append(closers, func() { cpNC.Drain() })
-		cp, err = daemon.Start(ctx, cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version, Logger: log.With("component", "controlplane")})
+		// The control plane outlives the signal: the relay reports its
+		// sessions ended to it while shutting down; cp.Close stops it last.
+		cp, err = daemon.Start(context.Background(), cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version, Logger: log.With("component", "controlplane")})
 		if err != nil {
 			return err
 		}
