@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -26,12 +27,19 @@ type registry struct {
 	sessions map[string]*session // device ID → newest session
 	hosts    map[string]route    // hostname label → route, for online devices
 	ports    map[uint16]*portListener
-	changed  chan struct{} // closed and replaced whenever a session leaves
+	names    map[string]deviceNames // device ID → its hosts and ports, so dropping them is O(names)
+	changed  chan struct{}          // closed and replaced whenever a session leaves
+}
+
+// deviceNames are the public names a device's session holds on this relay.
+type deviceNames struct {
+	hosts []string
+	ports []uint16
 }
 
 func newRegistry(s *Server) *registry {
 	return &registry{srv: s, sessions: map[string]*session{}, hosts: map[string]route{},
-		ports: map[uint16]*portListener{}, changed: make(chan struct{})}
+		ports: map[uint16]*portListener{}, names: map[string]deviceNames{}, changed: make(chan struct{})}
 }
 
 // add makes sess the device's session: the newest generation wins and the
@@ -60,29 +68,51 @@ func (r *registry) update(sess *session, leases []controlplane.Lease) {
 }
 
 func (r *registry) applyLocked(sess *session, leases []controlplane.Lease) {
-	r.dropNamesLocked(sess.deviceID)
+	old := r.names[sess.deviceID]
+	var names deviceNames
 	for _, l := range leases {
 		rt := route{deviceID: sess.deviceID, service: l.Service}
 		if l.Hostname != "" {
 			r.hosts[l.Hostname] = rt
+			names.hosts = append(names.hosts, l.Hostname)
 		}
 		if l.Port != 0 {
-			r.listenLocked(l.Port, rt)
+			r.listenLocked(l.Port, rt) // keeps a listener the device already had
+			names.ports = append(names.ports, l.Port)
 		}
 	}
-}
-
-func (r *registry) dropNamesLocked(deviceID string) {
-	for h, rt := range r.hosts {
-		if rt.deviceID == deviceID {
+	// Drop the names the device no longer holds.
+	for _, h := range old.hosts {
+		if !slices.Contains(names.hosts, h) && r.hosts[h].deviceID == sess.deviceID {
 			delete(r.hosts, h)
 		}
 	}
-	for p, pl := range r.ports {
-		if pl.route.deviceID == deviceID {
-			pl.close()
-			delete(r.ports, p)
+	for _, p := range old.ports {
+		if !slices.Contains(names.ports, p) {
+			r.closePortLocked(p, sess.deviceID)
 		}
+	}
+	r.names[sess.deviceID] = names
+}
+
+// dropNamesLocked removes a device's names.
+func (r *registry) dropNamesLocked(deviceID string) {
+	names := r.names[deviceID]
+	for _, h := range names.hosts {
+		if r.hosts[h].deviceID == deviceID {
+			delete(r.hosts, h)
+		}
+	}
+	for _, p := range names.ports {
+		r.closePortLocked(p, deviceID)
+	}
+	delete(r.names, deviceID)
+}
+
+func (r *registry) closePortLocked(p uint16, deviceID string) {
+	if pl, ok := r.ports[p]; ok && pl.route.deviceID == deviceID {
+		pl.close()
+		delete(r.ports, p)
 	}
 }
 
