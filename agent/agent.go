@@ -119,13 +119,12 @@ func (a *Agent) dialOptions() wsmux.DialOptions {
 
 // conn is one session to a relay.
 type conn struct {
-	a      *Agent
-	relay  string
-	mux    *smux.Session
-	ctrl   *smux.Stream
-	wmu    sync.Mutex
-	leases []frames.Lease
-	once   sync.Once
+	a     *Agent
+	relay string
+	mux   *smux.Session
+	ctrl  *smux.Stream
+	wmu   sync.Mutex
+	once  sync.Once
 }
 
 // drainError ends serve when the relay asks the agent to move.
@@ -200,7 +199,6 @@ func (c *conn) handshake(ctx context.Context, id *identity) error {
 	if err != nil {
 		return fmt.Errorf("read leases: %w", err)
 	}
-	c.leases = ls.Leases
 	attrs := []any{"relay", c.relay, "device", w.DeviceName, "generation", w.Generation}
 	for _, l := range ls.Leases {
 		if l.Hostname != "" {
@@ -219,23 +217,12 @@ func (c *conn) handshake(ctx context.Context, id *identity) error {
 // readAs reads the next known frame; an error frame from the relay becomes
 // the matching Go error.
 func readAs[T frames.Message](r net.Conn) (T, error) {
-	var zero T
-	for {
-		m, err := frames.Read(r, 0)
-		if err != nil {
-			return zero, err
-		}
-		switch m := m.(type) {
-		case T:
-			return m, nil
-		case *frames.Unknown:
-			continue
-		case *frames.Error:
-			return zero, relayError(m)
-		default:
-			return zero, fmt.Errorf("unexpected %v frame", m.Type())
-		}
+	m, err := frames.ReadAs[T](r, 0)
+	var fe *frames.Error
+	if errors.As(err, &fe) {
+		return m, relayError(fe)
 	}
+	return m, err
 }
 
 func relayError(e *frames.Error) error {
@@ -281,7 +268,6 @@ func (c *conn) serve(ctx context.Context) error {
 		switch m := m.(type) {
 		case *frames.HeartbeatAck, *frames.Unknown:
 		case *frames.Leases:
-			c.leases = m.Leases
 			if a.cfg.OnLeases != nil {
 				a.cfg.OnLeases(m.Leases)
 			}

@@ -217,3 +217,26 @@ func (t Type) String() string {
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
+
+// ReadAs reads the next frame that is not of an unknown type and returns
+// it as a T. An *Error frame from the peer is returned as the error (it
+// implements error); any other type is an error naming it.
+func ReadAs[T Message](r io.Reader, limit int) (T, error) {
+	var zero T
+	for {
+		m, err := Read(r, limit)
+		if err != nil {
+			return zero, err
+		}
+		switch m := m.(type) {
+		case T:
+			return m, nil
+		case *Unknown:
+			continue
+		case *Error:
+			return zero, m
+		default:
+			return zero, fmt.Errorf("unexpected %v frame", m.Type())
+		}
+	}
+}

@@ -234,3 +234,21 @@ func normalize(m Message) Message {
 	}
 	return m
 }
+
+func TestReadAs(t *testing.T) {
+	var buf bytes.Buffer
+	buf.Write(Append(nil, &Unknown{T: 200, Payload: []byte("x")}))
+	buf.Write(Append(nil, &HeartbeatAck{Seq: 3}))
+	buf.Write(Append(nil, &Error{Code: CodeRevoked, Message: "gone"}))
+	buf.Write(Append(nil, &Drain{}))
+	if ack, err := ReadAs[*HeartbeatAck](&buf, 0); err != nil || ack.Seq != 3 {
+		t.Fatalf("skipping unknown frames: %v %v", ack, err)
+	}
+	var fe *Error
+	if _, err := ReadAs[*HeartbeatAck](&buf, 0); !errors.As(err, &fe) || fe.Code != CodeRevoked {
+		t.Fatalf("peer error: %v", err)
+	}
+	if _, err := ReadAs[*HeartbeatAck](&buf, 0); err == nil || !strings.Contains(err.Error(), "unexpected drain frame") {
+		t.Fatalf("wrong type: %v", err)
+	}
+}

@@ -29,7 +29,6 @@ type session struct {
 	deviceID, name string
 	gen            uint64
 	heartbeat      time.Duration
-	services       map[string]string    // name → proto, as registered
 	leases         []controlplane.Lease // as first registered
 
 	wmu     sync.Mutex // serialises control-stream writes
@@ -79,7 +78,7 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	// it does must find the session.
 	s.reg.add(sess)
 	if err = sess.write(leases); err == nil {
-		sess.log.Info("agent connected", "generation", sess.gen, "services", len(sess.services))
+		sess.log.Info("agent connected", "generation", sess.gen, "services", len(sess.leases))
 		err = sess.controlLoop()
 	}
 	s.reg.remove(sess)
@@ -149,7 +148,7 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	sess.mux.SetDeadline(time.Time{})
 	sess.ctrl = ctrl
 	ctrl.SetDeadline(deadline)
-	hello, err := readAs[*frames.Hello](ctrl)
+	hello, err := frames.ReadAs[*frames.Hello](ctrl, 0)
 	if err != nil {
 		return nil, sess.refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
 	}
@@ -162,7 +161,7 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	if err := sess.write(ch); err != nil {
 		return nil, err
 	}
-	auth, err := readAs[*frames.Auth](ctrl)
+	auth, err := frames.ReadAs[*frames.Auth](ctrl, 0)
 	if err != nil {
 		return nil, sess.refuse(frames.CodeBadRequest, "expected auth: "+err.Error())
 	}
@@ -178,7 +177,7 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	if err := sess.write(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation}); err != nil {
 		return nil, err
 	}
-	reg, err := readAs[*frames.Register](ctrl)
+	reg, err := frames.ReadAs[*frames.Register](ctrl, 0)
 	if err != nil {
 		return nil, sess.refuse(frames.CodeBadRequest, "expected register: "+err.Error())
 	}
@@ -204,38 +203,15 @@ func (sess *session) register(ctx context.Context, reg *frames.Register) (*frame
 	if err != nil {
 		return nil, nil, sess.refuseCP(err)
 	}
-	services := map[string]string{}
 	out := &frames.Leases{}
 	for _, l := range leases {
-		services[l.Service] = l.Proto
 		fl := frames.Lease{Service: l.Service, Proto: l.Proto, Port: l.Port}
 		if l.Hostname != "" {
 			fl.Hostname = sess.srv.Hostname(l.Hostname)
 		}
 		out.Leases = append(out.Leases, fl)
 	}
-	sess.wmu.Lock()
-	sess.services = services
-	sess.wmu.Unlock()
 	return out, leases, nil
-}
-
-// readAs reads the next known frame and requires it to be a T.
-func readAs[T frames.Message](r net.Conn) (T, error) {
-	var zero T
-	for {
-		m, err := frames.Read(r, 0)
-		if err != nil {
-			return zero, err
-		}
-		if _, unknown := m.(*frames.Unknown); unknown {
-			continue
-		}
-		if t, ok := m.(T); ok {
-			return t, nil
-		}
-		return zero, fmt.Errorf("unexpected %v frame", m.Type())
-	}
 }
 
 // write sends one control frame under a write deadline.
