@@ -92,41 +92,85 @@ func Start(t testing.TB, opts Options) *Env {
 
 // StartRelay starts the relay (again) on the same addresses.
 func (e *Env) StartRelay() {
+	e.Relay, e.relayNC, e.servers = e.serveRelay("relay-test", &e.httpsAddr, &e.httpAddr)
+}
+
+// Node is another relay of the same cluster (same NATS, same control plane).
+type Node struct {
+	Relay               *relay.Server
+	HTTPSAddr, HTTPAddr string
+	nc                  *nats.Conn
+	servers             []*http.Server
+}
+
+// URL is the node's wss:// URL for agents.
+func (n *Node) URL() string { return "wss://" + n.HTTPSAddr }
+
+// Stop drains the node and closes its listeners.
+func (n *Node) Stop(t testing.TB) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.Relay.Shutdown(ctx); err != nil {
+		t.Errorf("relay shutdown: %v", err)
+	}
+	for _, s := range n.servers {
+		s.Close()
+	}
+	n.nc.Close()
+}
+
+// AddRelay starts another relay of the cluster; it is stopped when the test ends.
+func (e *Env) AddRelay(id string) *Node {
+	n := &Node{HTTPSAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0"}
+	n.Relay, n.nc, n.servers = e.serveRelay(id, &n.HTTPSAddr, &n.HTTPAddr)
+	e.T.Cleanup(func() {
+		for _, s := range n.servers {
+			s.Close()
+		}
+		n.Relay.Close()
+		n.nc.Close()
+	})
+	return n
+}
+
+// serveRelay starts a relay with its HTTPS and HTTP listeners.
+func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string) (*relay.Server, *nats.Conn, []*http.Server) {
 	t := e.T
 	t.Helper()
-	var err error
-	if e.relayNC, err = e.NATS.Connect("relay"); err != nil {
+	nc, err := e.NATS.Connect("relay " + id)
+	if err != nil {
 		t.Fatal(err)
 	}
 	cfg := relay.Config{
-		RelayID:          "relay-test",
+		RelayID:          id,
 		Domain:           e.Domain,
-		ControlPlane:     &natsapi.Client{NC: e.relayNC},
+		ControlPlane:     &natsapi.Client{NC: nc},
 		TCPHost:          "127.0.0.1",
 		HandshakeTimeout: 5 * time.Second,
 		DrainWindow:      time.Second,
-		Logger:           e.Logger.With("component", "relay"),
+		Logger:           e.Logger.With("component", "relay", "relay_id", id),
 	}
 	if e.opts.RelayConfig != nil {
 		e.opts.RelayConfig(&cfg)
 	}
-	if e.Relay, err = relay.New(cfg); err != nil {
+	rl, err := relay.New(cfg)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.Relay.Start(context.Background()); err != nil {
+	if err := rl.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	tlsConf, err := e.CA.TLSConfig(e.Domain, []string{"localhost", "127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	https := e.listen(&e.httpsAddr)
-	http1 := e.listen(&e.httpAddr)
-	hs := &http.Server{Handler: e.Relay.Handler(), TLSConfig: tlsConf, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
-	ps := &http.Server{Handler: e.Relay.PublicHTTPHandler(), ErrorLog: hs.ErrorLog}
-	e.servers = []*http.Server{hs, ps}
+	https := e.listen(httpsAddr)
+	http1 := e.listen(httpAddr)
+	hs := &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
+	ps := &http.Server{Handler: rl.PublicHTTPHandler(), ErrorLog: hs.ErrorLog}
 	go hs.ServeTLS(https, "", "")
 	go ps.Serve(http1)
+	return rl, nc, []*http.Server{hs, ps}
 }
 
 func (e *Env) listen(addr *string) net.Listener {
