@@ -103,6 +103,12 @@ func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (*Service, err
 			return nil, fmt.Errorf("add endpoint %s: %w", name, err)
 		}
 	}
+	// The server must have the subscriptions before a relay, on another
+	// connection, sends its first request; otherwise it gets "no responders".
+	if err := nc.FlushTimeout(10 * time.Second); err != nil {
+		service.Stop()
+		return nil, fmt.Errorf("register endpoints with the NATS server: %w", err)
+	}
 	context.AfterFunc(ctx, func() { service.Stop() })
 	return service, nil
 }
