@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/tetherfleet/tether/agent"
@@ -125,9 +126,12 @@ func benchFleet(ctx context.Context, e *env, r *report, n int, storm bool) error
 		return err
 	}
 	log.Printf("  new relay ready after %v", time.Since(restarted).Round(time.Millisecond))
+	relayCPU0, simCPU0 := e.relay.cpu(), selfCPU()
 	if err := waitAll(ctx, sims, restarted.UnixNano(), 3*time.Minute); err != nil {
 		return err
 	}
+	stormFor := time.Since(restarted)
+	relayCPU, simCPU := e.relay.cpu()-relayCPU0, selfCPU()-simCPU0
 	ready := restarted
 	var waits []float64
 	gaveUp := 0
@@ -140,7 +144,9 @@ func benchFleet(ctx context.Context, e *env, r *report, n int, storm bool) error
 	slices.Sort(waits)
 	pct := func(p float64) float64 { return waits[min(len(waits)-1, int(p*float64(len(waits))))] }
 	r.add(row{name: fmt.Sprintf("reconnect storm, %d agents: all registered again (s)", n), tunnel: []float64{waits[len(waits)-1]}, goal: "≤ 30, p50 ≤ 5",
-		note: fmt.Sprintf("p50 %.1f s, p99 %.1f s, max %.1f s after the relay was restarted (SIGTERM, then started again); %d gave up", pct(0.5), pct(0.99), waits[len(waits)-1], gaveUp)})
+		note: fmt.Sprintf("p50 %.1f s, p99 %.1f s, max %.1f s after the relay was restarted (SIGTERM, then started again); %d gave up; "+
+			"CPU meanwhile: relay %.1f s, simulator %.1f s, of %.1f s available on %d cores",
+			pct(0.5), pct(0.99), waits[len(waits)-1], gaveUp, relayCPU.Seconds(), simCPU.Seconds(), stormFor.Seconds()*float64(numCPU()), numCPU())})
 	return nil
 }
 
@@ -169,4 +175,11 @@ func settle(ctx context.Context, d time.Duration) {
 	case <-ctx.Done():
 	case <-time.After(d):
 	}
+}
+
+// selfCPU is this process's user+system CPU time.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
