@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/tetherfleet/tether/agent"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/daemon"
@@ -47,6 +48,7 @@ type Env struct {
 	NATS     *natsembed.Server
 	CP       *daemon.Daemon
 	Relay    *relay.Server
+	Metrics  *prometheus.Registry // the relay's metrics
 	Logger   *slog.Logger
 
 	opts      Options
@@ -92,7 +94,32 @@ func Start(t testing.TB, opts Options) *Env {
 
 // StartRelay starts the relay (again) on the same addresses.
 func (e *Env) StartRelay() {
-	e.Relay, e.relayNC, e.servers = e.serveRelay("relay-test", &e.httpsAddr, &e.httpAddr)
+	e.Metrics = prometheus.NewRegistry()
+	e.Relay, e.relayNC, e.servers = e.serveRelay("relay-test", &e.httpsAddr, &e.httpAddr, e.Metrics)
+}
+
+// Counter returns the value of a counter of the relay's metrics with the
+// given label value (any label), or 0.
+func (e *Env) Counter(name, labelValue string) float64 {
+	mfs, err := e.Metrics.Gather()
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if labelValue == "" || l.GetValue() == labelValue {
+					sum += m.GetCounter().GetValue()
+					break
+				}
+			}
+		}
+	}
+	return sum
 }
 
 // Node is another relay of the same cluster (same NATS, same control plane).
@@ -122,7 +149,7 @@ func (n *Node) Stop(t testing.TB) {
 // AddRelay starts another relay of the cluster; it is stopped when the test ends.
 func (e *Env) AddRelay(id string) *Node {
 	n := &Node{HTTPSAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0"}
-	n.Relay, n.nc, n.servers = e.serveRelay(id, &n.HTTPSAddr, &n.HTTPAddr)
+	n.Relay, n.nc, n.servers = e.serveRelay(id, &n.HTTPSAddr, &n.HTTPAddr, nil)
 	e.T.Cleanup(func() {
 		for _, s := range n.servers {
 			s.Close()
@@ -134,7 +161,7 @@ func (e *Env) AddRelay(id string) *Node {
 }
 
 // serveRelay starts a relay with its HTTPS and HTTP listeners.
-func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string) (*relay.Server, *nats.Conn, []*http.Server) {
+func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string, reg prometheus.Registerer) (*relay.Server, *nats.Conn, []*http.Server) {
 	t := e.T
 	t.Helper()
 	nc, err := e.NATS.Connect("relay " + id)
@@ -149,6 +176,7 @@ func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string) (*relay.Server,
 		HandshakeTimeout: 5 * time.Second,
 		DrainWindow:      time.Second,
 		Logger:           e.Logger.With("component", "relay", "relay_id", id),
+		Registerer:       reg,
 	}
 	if e.opts.RelayConfig != nil {
 		e.opts.RelayConfig(&cfg)
