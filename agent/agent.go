@@ -66,6 +66,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("agent starting", "device", id.Name, "device_id", id.DeviceID, "relays", a.cfg.RelayURLs)
 	bo := a.newBackoff()
 	var old *conn // a draining session kept until its successor is up
+	defer func() {
+		if old != nil {
+			old.close() // on every exit, or wg.Wait would wait for its streams
+		}
+	}()
 	for attempt := 0; ctx.Err() == nil; attempt++ {
 		url := a.cfg.RelayURLs[attempt%len(a.cfg.RelayURLs)]
 		c, err := a.connect(ctx, id, url)
@@ -78,10 +83,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			err = c.serve(ctx)
 			var drain *drainError
 			if errors.As(err, &drain) {
-				if old != nil {
-					old.close()
-				}
-				old = c
+				old = c // old is nil here: the successful connect closed it
 				a.log.Info("relay asked us to move", "relay", url, "reason", drain.Reason)
 				if err := sleepCtx(ctx, drain.wait()); err != nil {
 					break
@@ -106,9 +108,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		if err := sleepCtx(ctx, wait); err != nil {
 			break
 		}
-	}
-	if old != nil {
-		old.close()
 	}
 	return nil
 }

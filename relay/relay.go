@@ -13,6 +13,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -95,11 +96,11 @@ func New(cfg Config) (*Server, error) {
 	if err := cfg.Mux.Verify(); err != nil {
 		return nil, fmt.Errorf("relay: %w", err)
 	}
-	cfg.Domain = strings.ToLower(strings.TrimSuffix(cmpOr(cfg.Domain, "localhost"), "."))
-	cfg.MaxStreamsPerSession = cmpOr(cfg.MaxStreamsPerSession, 1024)
-	cfg.MaxIdleStreams = cmpOr(cfg.MaxIdleStreams, 256)
-	cfg.HandshakeTimeout = cmpOr(cfg.HandshakeTimeout, 10*time.Second)
-	cfg.DrainWindow = cmpOr(cfg.DrainWindow, 5*time.Second)
+	cfg.Domain = strings.ToLower(strings.TrimSuffix(cmp.Or(cfg.Domain, "localhost"), "."))
+	cfg.MaxStreamsPerSession = cmp.Or(cfg.MaxStreamsPerSession, 1024)
+	cfg.MaxIdleStreams = cmp.Or(cfg.MaxIdleStreams, 256)
+	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
+	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -109,14 +110,6 @@ func New(cfg Config) (*Server, error) {
 	s.reg = newRegistry(s)
 	s.proxy = s.newProxy()
 	return s, nil
-}
-
-func cmpOr[T comparable](v, def T) T {
-	var zero T
-	if v != zero {
-		return v
-	}
-	return def
 }
 
 // Start tells the control plane that this relay holds no sessions (it may
@@ -213,15 +206,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			at := time.Duration(int64(s.cfg.DrainWindow) * int64(i) / int64(len(sessions)))
 			sess.drainAfter(window, at, s.cfg.DrainWindow-at)
 		}
-		// Wait until every agent has moved or the window ends.
-		for n, changed := s.reg.changes(); n > 0; n, changed = s.reg.changes() {
-			select {
-			case <-changed:
-				continue
-			case <-window.Done():
-			}
-			break
-		}
+		s.waitForMoves(window)
 		cancel()
 	}
 	s.cancel() // closes every session and TCP listener
@@ -237,6 +222,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("relay shutdown: report sessions ended: %w", err)
 	}
 	return nil
+}
+
+// waitForMoves returns when every agent has left or ctx ends.
+func (s *Server) waitForMoves(ctx context.Context) {
+	for {
+		n, changed := s.reg.changes()
+		if n == 0 {
+			return
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // Close stops the relay at once.

@@ -9,6 +9,7 @@
 package cli
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -138,24 +139,17 @@ func set(f reflect.Value, raw string) error {
 	case reflect.String:
 		f.SetString(raw)
 	case reflect.Bool:
-		b, err := strconv.ParseBool(cmpOr(raw, "false"))
+		b, err := strconv.ParseBool(cmp.Or(raw, "false"))
 		f.SetBool(b)
 		return err
 	case reflect.Int:
-		n, err := strconv.Atoi(cmpOr(raw, "0"))
+		n, err := strconv.Atoi(cmp.Or(raw, "0"))
 		f.SetInt(int64(n))
 		return err
 	default:
 		panic("cli: unsupported field type " + f.Type().String())
 	}
 	return nil
-}
-
-func cmpOr(v, def string) string {
-	if v != "" {
-		return v
-	}
-	return def
 }
 
 // checkDisallowed refuses TETHER_* variables the spec does not know, so

@@ -4,6 +4,7 @@ package boltstore
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -481,7 +482,7 @@ func (s *Store) Lookup(ctx context.Context, req controlplane.LookupRequest) (con
 			key = tx.Bucket(bucketPorts).Get(portKey(req.Port))
 		}
 		if key == nil {
-			return controlplane.Errorf(controlplane.KindNotFound, "no lease for %s", cmpOr(req.Hostname, "port "+strconv.Itoa(int(req.Port))))
+			return controlplane.Errorf(controlplane.KindNotFound, "no lease for %s", cmp.Or(req.Hostname, "port "+strconv.Itoa(int(req.Port))))
 		}
 		if _, err := getJSON(tx.Bucket(bucketLeases), key, &l); err != nil {
 			return err
@@ -499,13 +500,6 @@ func (s *Store) Lookup(ctx context.Context, req controlplane.LookupRequest) (con
 func fillPresence(l *controlplane.Lease, d controlplane.Device) {
 	l.DeviceName, l.Relay, l.Generation = d.Name, d.Relay, d.Generation
 	l.Online = d.Online && !d.Revoked && slices.ContainsFunc(d.Services, func(s controlplane.Service) bool { return s.Name == l.Service })
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // Devices lists every device, ordered by name.
@@ -531,16 +525,9 @@ func (s *Store) Leases(ctx context.Context) ([]controlplane.Lease, error) {
 		})
 	})
 	slices.SortFunc(out, func(a, b controlplane.Lease) int {
-		return cmpOrInt(strings.Compare(a.DeviceName, b.DeviceName), strings.Compare(a.Service, b.Service))
+		return cmp.Or(strings.Compare(a.DeviceName, b.DeviceName), strings.Compare(a.Service, b.Service))
 	})
 	return out, wrap("list leases", err)
-}
-
-func cmpOrInt(a, b int) int {
-	if a != 0 {
-		return a
-	}
-	return b
 }
 
 // Device finds a device by name or ID.

@@ -2,9 +2,12 @@ package splice_test
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
+	"os"
 	"testing"
+	"time"
 
 	"github.com/tetherfleet/tether/frames/splice"
 )
@@ -61,7 +64,8 @@ func TestHalfClose(t *testing.T) {
 	}
 }
 
-// TestResetEndsBoth: when one side dies, the other is closed too.
+// TestResetEndsBoth: when one side is reset, Splice reports it and closes
+// the other side too, without waiting for the client.
 func TestResetEndsBoth(t *testing.T) {
 	client, a := tcpPair(t)
 	b, server := tcpPair(t)
@@ -69,8 +73,16 @@ func TestResetEndsBoth(t *testing.T) {
 	go func() { done <- splice.Splice(a, b) }()
 	server.(*net.TCPConn).SetLinger(0)
 	server.Close() // RST
-	if _, err := io.ReadAll(client); err != nil {
-		t.Logf("client saw %v", err)
+	select {
+	case r := <-done:
+		if r.Err == nil {
+			t.Fatal("a reset was not reported")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Splice still running 10s after a reset")
 	}
-	<-done
+	client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadAll(client); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the client side was not closed")
+	}
 }

@@ -14,6 +14,7 @@
 package wsmux
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -42,8 +43,8 @@ func (c Config) Smux() *smux.Config {
 	sc.Version = 2
 	sc.KeepAliveDisabled = true
 	sc.MaxFrameSize = 32 << 10
-	sc.MaxStreamBuffer = cmpOr(c.StreamWindow, 512<<10)
-	sc.MaxReceiveBuffer = cmpOr(c.SessionWindow, 4<<20)
+	sc.MaxStreamBuffer = cmp.Or(max(c.StreamWindow, 0), 512<<10)
+	sc.MaxReceiveBuffer = cmp.Or(max(c.SessionWindow, 0), 4<<20)
 	return sc
 }
 
@@ -53,13 +54,6 @@ func (c Config) Verify() error {
 		return fmt.Errorf("smux config: %w", err)
 	}
 	return nil
-}
-
-func cmpOr(v, def int) int {
-	if v > 0 {
-		return v
-	}
-	return def
 }
 
 // DialOptions configures Dial and Post.

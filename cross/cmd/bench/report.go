@@ -34,15 +34,10 @@ func summary(v []float64) string {
 	if len(v) == 0 {
 		return "–"
 	}
-	s := slices.Sorted(slices.Values(v))
-	med := s[len(s)/2]
-	if len(s)%2 == 0 {
-		med = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	if len(v) == 1 {
+		return num(v[0])
 	}
-	if len(s) == 1 {
-		return num(med)
-	}
-	return fmt.Sprintf("%s (%s..%s)", num(med), num(s[0]), num(s[len(s)-1]))
+	return fmt.Sprintf("%s (%s..%s)", num(median(v)), num(slices.Min(v)), num(slices.Max(v)))
 }
 
 func median(v []float64) float64 {
