@@ -27,6 +27,9 @@ var (
 	ErrUnauthorized = errors.New("device key refused by the relay")
 )
 
+// writeTimeout bounds every frame the agent writes.
+const writeTimeout = 10 * time.Second
+
 // Agent is a device agent.
 type Agent struct {
 	cfg      Config
@@ -237,9 +240,7 @@ func relayError(e *frames.Error) error {
 func (c *conn) write(m frames.Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.ctrl.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	defer c.ctrl.SetWriteDeadline(time.Time{})
-	return frames.Write(c.ctrl, m)
+	return frames.WriteTimeout(c.ctrl, m, writeTimeout)
 }
 
 // serve runs the session: it accepts data streams, sends heartbeats, and
@@ -324,8 +325,7 @@ func (a *Agent) serveStream(st *smux.Stream) {
 		return
 	}
 	refuse := func(code frames.ErrorCode, msg string) {
-		st.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		frames.Write(st, &frames.StreamRefuse{Code: code, Message: msg})
+		frames.WriteTimeout(st, &frames.StreamRefuse{Code: code, Message: msg}, writeTimeout)
 		st.Close()
 	}
 	svc, ok := a.services[open.Service]
@@ -346,7 +346,7 @@ func (a *Agent) serveStream(st *smux.Stream) {
 		refuse(frames.CodeDialFailed, dialReason(err))
 		return
 	}
-	if err := frames.Write(st, &frames.StreamAccept{}); err != nil {
+	if err := frames.WriteTimeout(st, &frames.StreamAccept{}, writeTimeout); err != nil {
 		local.Close()
 		st.Close()
 		return

@@ -69,20 +69,6 @@ type Service struct {
 	Addr  string // local host:port, e.g. "127.0.0.1:8080"
 }
 
-// validServiceName reports whether s is 1-20 of a-z, 0-9 and inner '-'
-// (the control plane's rule; written out to keep regexp out of the agent).
-func validServiceName(s string) bool {
-	if len(s) == 0 || len(s) > 20 || s[0] == '-' || s[len(s)-1] == '-' {
-		return false
-	}
-	for _, r := range s {
-		if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' {
-			return false
-		}
-	}
-	return true
-}
-
 // ParseServices parses "web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22".
 // An error names the entry that does not parse.
 func ParseServices(s string) ([]Service, error) {
@@ -117,8 +103,8 @@ func parseService(entry string) (Service, error) {
 	if !ok {
 		return Service{}, errors.New("want NAME=PROTO://HOST:PORT")
 	}
-	if !validServiceName(name) {
-		return Service{}, fmt.Errorf("name %q must be 1-20 of a-z, 0-9 and inner '-'", name)
+	if err := frames.ValidServiceName(name); err != nil {
+		return Service{}, err
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil {
@@ -154,8 +140,8 @@ func slug(s string) string {
 		}
 	}
 	out := strings.Trim(b.String(), "-")
-	if len(out) > 40 {
-		out = strings.TrimRight(out[:40], "-")
+	if len(out) > frames.MaxDeviceName {
+		out = strings.TrimRight(out[:frames.MaxDeviceName], "-")
 	}
 	if out == "" {
 		return "device"

@@ -11,8 +11,10 @@ package controlplane
 import (
 	"context"
 	"fmt"
-	"regexp"
+	"strings"
 	"time"
+
+	"github.com/tetherfleet/tether/frames"
 )
 
 // Device is an enrolled device.
@@ -83,24 +85,19 @@ const (
 	ProtoTCP  = "tcp"
 )
 
-var (
-	nameRE    = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)
-	serviceRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$`)
-)
-
-// ValidDeviceName checks a device name: a DNS-safe slug of 1 to 40
-// characters (lowercase letters, digits, inner hyphens).
+// ValidDeviceName checks a device name against the grammar of package
+// frames; an error is KindInvalid.
 func ValidDeviceName(name string) error {
-	if !nameRE.MatchString(name) {
-		return Errorf(KindInvalid, "device name %q is not a DNS-safe slug (1-40 of a-z, 0-9, inner '-')", name)
+	if err := frames.ValidDeviceName(name); err != nil {
+		return Errorf(KindInvalid, "%s", strings.TrimPrefix(err.Error(), frames.ErrBadName.Error()+": "))
 	}
 	return nil
 }
 
-// ValidService checks a service's name (1 to 20 of a-z, 0-9, inner '-') and protocol.
+// ValidService checks a service's name (the grammar of package frames) and protocol.
 func ValidService(s Service) error {
-	if !serviceRE.MatchString(s.Name) {
-		return Errorf(KindInvalid, "service name %q is not a DNS-safe slug (1-20 of a-z, 0-9, inner '-')", s.Name)
+	if err := frames.ValidServiceName(s.Name); err != nil {
+		return Errorf(KindInvalid, "%s", strings.TrimPrefix(err.Error(), frames.ErrBadName.Error()+": "))
 	}
 	if s.Proto != ProtoHTTP && s.Proto != ProtoTCP {
 		return Errorf(KindInvalid, "service %s: protocol %q is neither http nor tcp", s.Name, s.Proto)

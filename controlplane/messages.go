@@ -1,5 +1,7 @@
 package controlplane
 
+import "github.com/tetherfleet/tether/frames"
+
 // NATS subjects of the control plane's request/reply service and its events.
 const (
 	SubjectPrefix     = "tether.cp."
@@ -14,20 +16,12 @@ const (
 	SubjectEvents = "tether.events.device"
 )
 
-// EnrollRequest asks to enroll a public key.
-type EnrollRequest struct {
-	Token         string `json:"token"`
-	PublicKey     []byte `json:"public_key"`
-	Name          string `json:"name"`
-	NameIsDefault bool   `json:"name_is_default,omitempty"`
-	AgentVersion  string `json:"agent_version,omitempty"`
-}
+// EnrollRequest asks to enroll a public key: the agent's request as it
+// reached the relay (one schema, in package frames).
+type EnrollRequest = frames.EnrollRequest
 
 // EnrollResponse answers EnrollRequest.
-type EnrollResponse struct {
-	DeviceID string `json:"device_id"`
-	Name     string `json:"name"`
-}
+type EnrollResponse = frames.EnrollResponse
 
 // ConnectRequest asks to open a session for an authenticated key. The relay
 // has verified the key's signature of its challenge before asking.

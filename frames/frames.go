@@ -27,6 +27,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 )
 
 // Subprotocol is the WebSocket subprotocol that carries this version of the
@@ -128,6 +129,22 @@ func Write(w io.Writer, m Message) error {
 	}
 	_, err := w.Write(b)
 	return err
+}
+
+// DeadlineWriter is a stream with a write deadline (net.Conn, smux.Stream).
+type DeadlineWriter interface {
+	io.Writer
+	SetWriteDeadline(t time.Time) error
+}
+
+// WriteTimeout writes m as one frame under a write deadline of d from now,
+// then clears the deadline. Every control and stream-header write of the
+// agent and the relay goes through it, so a peer that stops reading cannot
+// hold a writer for ever.
+func WriteTimeout(w DeadlineWriter, m Message, d time.Duration) error {
+	w.SetWriteDeadline(time.Now().Add(d))
+	defer w.SetWriteDeadline(time.Time{})
+	return Write(w, m)
 }
 
 // ParseHeader decodes a frame header. It never allocates.

@@ -22,10 +22,7 @@ func (s *Server) serveEnroll(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, frames.HTTPError{Error: "malformed enrollment request: " + err.Error()})
 		return
 	}
-	resp, err := s.cp.Enroll(r.Context(), controlplane.EnrollRequest{
-		Token: req.Token, PublicKey: req.PublicKey, Name: req.Name,
-		NameIsDefault: req.NameIsDefault, AgentVersion: req.AgentVersion,
-	})
+	resp, err := s.cp.Enroll(r.Context(), req)
 	if err != nil {
 		kind := controlplane.KindOf(err)
 		s.metrics.enrollments.WithLabelValues(string(kind)).Inc()
@@ -41,7 +38,7 @@ func (s *Server) serveEnroll(w http.ResponseWriter, r *http.Request) {
 	}
 	s.metrics.enrollments.WithLabelValues("ok").Inc()
 	s.log.Info("device enrolled", "device", resp.Name, "device_id", resp.DeviceID, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, frames.EnrollResponse{DeviceID: resp.DeviceID, Name: resp.Name})
+	writeJSON(w, http.StatusOK, resp)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -18,6 +18,9 @@ import (
 	"github.com/xtaci/smux"
 )
 
+// writeTimeout bounds every frame the relay writes to an agent.
+const writeTimeout = 10 * time.Second
+
 // session is one agent's live connection.
 type session struct {
 	srv    *Server
@@ -221,10 +224,7 @@ func (sess *session) write(m frames.Message) error {
 	if sess.ctrl == nil {
 		return errors.New("no control stream")
 	}
-	sess.ctrl.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	err := frames.Write(sess.ctrl, m)
-	sess.ctrl.SetWriteDeadline(time.Time{})
-	return err
+	return frames.WriteTimeout(sess.ctrl, m, writeTimeout)
 }
 
 // controlLoop serves the control stream until the session ends: it answers
@@ -324,10 +324,7 @@ func (sess *session) openStream(service, client string) (*streamConn, error) {
 		<-sess.streams
 		return nil, fmt.Errorf("open stream to %s: %w", sess.name, err)
 	}
-	st.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	err = frames.Write(st, &frames.StreamOpen{Service: service, ClientAddr: client})
-	st.SetWriteDeadline(time.Time{})
-	if err != nil {
+	if err := frames.WriteTimeout(st, &frames.StreamOpen{Service: service, ClientAddr: client}, writeTimeout); err != nil {
 		st.Close()
 		<-sess.streams
 		return nil, fmt.Errorf("open stream to %s: %w", sess.name, err)
