@@ -116,7 +116,12 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func (a *Agent) dialOptions() wsmux.DialOptions {
-	return wsmux.DialOptions{TLS: &tls.Config{RootCAs: a.cfg.RootCAs}, Mux: a.cfg.Mux, DialContext: a.cfg.DialContext}
+	return wsmux.DialOptions{
+		TLS:         &tls.Config{RootCAs: a.cfg.RootCAs, MinVersion: tls.VersionTLS12},
+		Proxy:       a.cfg.Proxy,
+		DialContext: a.cfg.DialContext,
+		Mux:         a.cfg.Mux,
+	}
 }
 
 // conn is one session to a relay.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"io"
@@ -83,7 +84,9 @@ type fakeSession struct {
 	ctrl *smux.Stream
 }
 
-func newFakeRelay(t *testing.T) *fakeRelay {
+// newFakeRelay starts a fake relay with httptest's certificate, or with
+// cert when one is given.
+func newFakeRelay(t *testing.T, cert ...*tls.Certificate) *fakeRelay {
 	f := &fakeRelay{sessions: make(chan *fakeSession, 8)}
 	mux := http.NewServeMux()
 	mux.HandleFunc(frames.EnrollPath, func(w http.ResponseWriter, r *http.Request) {
@@ -110,7 +113,11 @@ func newFakeRelay(t *testing.T) *fakeRelay {
 		f.sessions <- &fakeSession{mux: m, ctrl: ctrl}
 		<-m.CloseChan()
 	})
-	f.srv = httptest.NewTLSServer(mux)
+	f.srv = httptest.NewUnstartedServer(mux)
+	if len(cert) > 0 {
+		f.srv.TLS = &tls.Config{Certificates: []tls.Certificate{*cert[0]}}
+	}
+	f.srv.StartTLS()
 	t.Cleanup(f.srv.Close)
 	return f
 }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"strings"
@@ -51,10 +52,14 @@ type Config struct {
 	Version string
 	// Mux tunes the smux session.
 	Mux wsmux.Config
-	// DialContext opens TCP connections to relays. Nil means a plain
-	// dialer; the fleet simulator uses it to pick source addresses and
-	// count bytes at the socket.
+	// DialContext opens TCP connections to relays and proxies. Nil means a
+	// plain dialer; the fleet simulator uses it to pick source addresses
+	// and count bytes at the socket.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Proxy picks the HTTP proxy for a request to a relay (CONNECT for
+	// wss://). Nil means none; tether-agent passes
+	// http.ProxyFromEnvironment (HTTPS_PROXY, NO_PROXY).
+	Proxy func(*http.Request) (*url.URL, error)
 	// Logger; nil discards.
 	Logger *slog.Logger
 	// OnLeases, if set, is called with the public names of the services

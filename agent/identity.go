@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -9,13 +10,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/tetherfleet/tether/frames"
-	"github.com/tetherfleet/tether/frames/wsmux"
 )
 
 // identity is the device's key and enrollment record.
@@ -87,6 +89,9 @@ func (a *Agent) loadIdentity(ctx context.Context) (*identity, error) {
 			return nil, err
 		}
 		if err == nil {
+			err = checkEnrollment(resp, id)
+		}
+		if err == nil {
 			id.DeviceID, id.Name = resp.DeviceID, resp.Name
 			data, _ := json.MarshalIndent(id, "", "  ")
 			if err := writeFileAtomic(filepath.Join(dir, recordFile), data, 0o600); err != nil {
@@ -103,25 +108,55 @@ func (a *Agent) loadIdentity(ctx context.Context) (*identity, error) {
 	}
 }
 
+// checkEnrollment refuses an answer that does not describe this device:
+// the ID must derive from its key and the name follow the grammar.
+func checkEnrollment(resp frames.EnrollResponse, id *identity) error {
+	if want := frames.DeviceID(id.pub[:]); resp.DeviceID != want {
+		return fmt.Errorf("relay answered enrollment with device ID %q, not this key's %s", resp.DeviceID, want)
+	}
+	if err := frames.ValidDeviceName(resp.Name); err != nil {
+		return fmt.Errorf("relay answered enrollment with a bad name: %w", err)
+	}
+	return nil
+}
+
+// maxEnrollAnswer bounds what the agent reads of an enrollment answer.
+const maxEnrollAnswer = 64 << 10
+
+// enroll POSTs the enrollment request to one relay. A 4xx answer other
+// than 429 is a refusal (*EnrollError); anything else may be retried.
 func (a *Agent) enroll(ctx context.Context, url string, req frames.EnrollRequest) (frames.EnrollResponse, error) {
 	var out frames.EnrollResponse
-	body, _ := json.Marshal(req)
+	body, err := json.Marshal(req)
+	if err != nil {
+		return out, fmt.Errorf("encode enrollment request: %w", err)
+	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	status, data, err := wsmux.Post(ctx, url, body, a.dialOptions())
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
-		return out, err
+		return out, fmt.Errorf("enrollment request: %w", err)
 	}
-	if status != 200 {
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := a.dialOptions().HTTPClient().Do(hreq)
+	if err != nil {
+		return out, fmt.Errorf("enroll at %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxEnrollAnswer))
+	if err != nil {
+		return out, fmt.Errorf("read enrollment answer: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
 		var e frames.HTTPError
 		json.Unmarshal(data, &e)
 		if e.Error == "" {
-			e.Error = fmt.Sprintf("HTTP %d", status)
+			e.Error = http.StatusText(resp.StatusCode)
 		}
-		if status >= 400 && status < 500 && status != 429 {
-			return out, &EnrollError{Status: status, Message: e.Error}
+		if resp.StatusCode >= 400 && resp.StatusCode < 500 && resp.StatusCode != http.StatusTooManyRequests {
+			return out, &EnrollError{Status: resp.StatusCode, Message: e.Error}
 		}
-		return out, fmt.Errorf("relay answered HTTP %d: %s", status, e.Error)
+		return out, fmt.Errorf("relay answered HTTP %d: %s", resp.StatusCode, e.Error)
 	}
 	if err := json.Unmarshal(data, &out); err != nil {
 		return out, fmt.Errorf("decode enrollment answer: %w", err)

@@ -1,16 +1,13 @@
 // Package wsmux carries an smux session over a WebSocket: the agent dials
 // with Dial, the relay accepts with package wsserver, and both use the same
-// smux configuration.
+// smux configuration and the same WebSocket-as-net.Conn adapter.
 //
-// The frames protocol version travels as the WebSocket subprotocol; a peer
-// that does not speak it is refused before smux starts. Compression is off
-// (the tunnelled bytes are usually compressed or encrypted already) and smux
+// Both sides speak WebSocket through github.com/coder/websocket. The frames
+// protocol version travels as the WebSocket subprotocol; a peer that does
+// not speak it is refused before smux starts. Compression is off (the
+// tunnelled bytes are usually compressed or encrypted already) and smux
 // keepalives are off: the heartbeat on the control stream is the one
 // liveness mechanism of a session.
-//
-// The client side is a small RFC 6455 implementation on crypto/tls rather
-// than coder/websocket, whose Dial needs net/http: that keeps the agent
-// within its size budget. This package must not import net/http.
 package wsmux
 
 import (
@@ -19,13 +16,18 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
 
+	"github.com/coder/websocket"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/xtaci/smux"
 )
-
-const subprotocol = frames.Subprotocol
 
 // Config tunes the smux session. The zero value is usable.
 type Config struct {
@@ -56,37 +58,131 @@ func (c Config) Verify() error {
 	return nil
 }
 
-// DialOptions configures Dial and Post.
+// DialOptions configures Dial and HTTPClient.
 type DialOptions struct {
-	// TLS configures the TLS client; nil means the system roots. ServerName
-	// defaults to the URL's host.
+	// TLS configures the TLS client; nil means the system roots.
 	TLS *tls.Config
-	// Header is added to the upgrade request.
-	Header map[string][]string
-	// DialContext opens the TCP connection; nil means a net.Dialer without
-	// TCP keepalives (the heartbeat is the liveness check). Tests and the
-	// fleet simulator use it to pick source addresses and count bytes.
+	// Proxy picks the HTTP proxy of a request, as http.Transport.Proxy
+	// does; nil means no proxy. tether-agent passes
+	// http.ProxyFromEnvironment (HTTPS_PROXY, NO_PROXY; loopback is never
+	// proxied). A wss:// relay is reached through the proxy with CONNECT.
+	Proxy func(*http.Request) (*url.URL, error)
+	// DialContext opens TCP connections (to the relay or the proxy); nil
+	// means a net.Dialer without TCP keepalives (the heartbeat is the
+	// liveness check). Tests and the fleet simulator use it to pick source
+	// addresses and count bytes.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Header is added to the upgrade request.
+	Header http.Header
 	// Mux tunes the smux session.
 	Mux Config
+}
+
+// HTTPClient returns an HTTP/1.1 client with o's TLS, proxy and dialer,
+// for the agent's other requests to a relay (enrollment). It keeps no idle
+// connections: an agent makes one request now and then.
+func (o DialOptions) HTTPClient() *http.Client {
+	dial := o.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: -1}).DialContext
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.TLS != nil {
+		tc = o.TLS.Clone()
+	}
+	return &http.Client{Transport: &http.Transport{
+		Proxy:               o.Proxy,
+		DialContext:         dial,
+		TLSClientConfig:     tc,
+		TLSHandshakeTimeout: 20 * time.Second,
+		DisableKeepAlives:   true, // also after a refused upgrade: no idle pool to leak
+		ForceAttemptHTTP2:   false,
+	}}
 }
 
 // ErrProtocol means the peer does not speak this version of the protocol.
 var ErrProtocol = errors.New("wsmux: peer does not speak " + frames.Subprotocol)
 
+// HandshakeError is a refused WebSocket upgrade.
+type HandshakeError struct {
+	Status int    // HTTP status of the answer
+	Body   string // the start of the answer's body
+}
+
+func (e *HandshakeError) Error() string {
+	return fmt.Sprintf("websocket upgrade refused: HTTP %d: %s", e.Status, strings.TrimSpace(e.Body))
+}
+
 // Dial opens a WebSocket to url (wss://host/_tether/connect) and starts an
 // smux client session over it. ctx bounds the dial only, not the session.
-// HTTPS_PROXY from the environment is honoured (CONNECT), as devices behind
-// corporate proxies need. A refused upgrade is a *HandshakeError.
+// A refused upgrade is a *HandshakeError; a relay that does not choose the
+// protocol's subprotocol is ErrProtocol.
 func Dial(ctx context.Context, url string, o DialOptions) (*smux.Session, error) {
-	c, err := dialWebSocket(ctx, url, o)
+	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
+		HTTPClient:      o.HTTPClient(),
+		HTTPHeader:      o.Header,
+		Subprotocols:    []string{frames.Subprotocol},
+		CompressionMode: websocket.CompressionDisabled,
+	})
 	if err != nil {
+		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
+			var body []byte
+			if resp.Body != nil { // coder/websocket keeps the start of the body
+				body, _ = io.ReadAll(io.LimitReader(resp.Body, 512))
+			}
+			return nil, fmt.Errorf("websocket dial %s: %w", url, &HandshakeError{Status: resp.StatusCode, Body: string(body)})
+		}
 		return nil, fmt.Errorf("websocket dial %s: %w", url, err)
 	}
-	s, err := smux.Client(c, o.Mux.Smux())
+	if p := ws.Subprotocol(); p != frames.Subprotocol {
+		ws.CloseNow()
+		return nil, fmt.Errorf("websocket dial %s: relay chose subprotocol %q: %w", url, p, ErrProtocol)
+	}
+	// The session outlives ctx (coder/websocket's NetConn is bound to the
+	// context it is given). The agent does not wait for a close handshake
+	// with a relay it has declared dead.
+	s, err := smux.Client(NetConn(context.Background(), ws, false), o.Mux.Smux())
 	if err != nil {
-		c.Close()
+		ws.CloseNow()
 		return nil, fmt.Errorf("start smux client: %w", err)
 	}
 	return s, nil
+}
+
+// NetConn wraps ws as the net.Conn smux runs on: binary messages, one per
+// smux write, the conn alive until ctx ends or it is closed. graceful
+// chooses a WebSocket close handshake on Close (the relay, which may just
+// have written an error frame the agent should read) over closing at once
+// (the agent).
+func NetConn(ctx context.Context, ws *websocket.Conn, graceful bool) net.Conn {
+	return &vecConn{Conn: websocket.NetConn(ctx, ws, websocket.MessageBinary), ws: ws, graceful: graceful}
+}
+
+// vecConn lets smux write each frame (header, payload) with one Write from
+// a pooled buffer: without WriteBuffers, smux keeps a 64 KB buffer per
+// session, which every idle agent would cost the relay.
+type vecConn struct {
+	net.Conn
+	ws       *websocket.Conn
+	graceful bool
+}
+
+var framePool = sync.Pool{New: func() any { return new([]byte) }}
+
+func (c *vecConn) WriteBuffers(v [][]byte) (int, error) {
+	bp := framePool.Get().(*[]byte)
+	defer framePool.Put(bp)
+	b := (*bp)[:0]
+	for _, p := range v {
+		b = append(b, p...)
+	}
+	*bp = b
+	return c.Conn.Write(b)
+}
+
+func (c *vecConn) Close() error {
+	if c.graceful {
+		return c.Conn.Close()
+	}
+	return c.ws.CloseNow()
 }

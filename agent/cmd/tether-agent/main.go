@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -108,6 +109,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		Services:          services,
 		RootCAs:           roots,
 		HeartbeatInterval: s.HeartbeatInterval,
+		Proxy:             http.ProxyFromEnvironment,
 		Version:           version,
 		Logger:            log,
 	})

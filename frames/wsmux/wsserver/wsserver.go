@@ -5,11 +5,9 @@ package wsserver
 
 import (
 	"fmt"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/coder/websocket"
 	"github.com/tetherfleet/tether/frames"
@@ -35,7 +33,7 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 	if err != nil {
 		return nil, fmt.Errorf("websocket accept: %w", err)
 	}
-	nc := vecConn{websocket.NetConn(r.Context(), c, websocket.MessageBinary)}
+	nc := wsmux.NetConn(r.Context(), c, true)
 	s, err := smux.Server(nc, mux.Smux())
 	if err != nil {
 		nc.Close()
@@ -51,22 +49,4 @@ func offers(r *http.Request, proto string) bool {
 		}
 	}
 	return false
-}
-
-// vecConn lets smux write each frame (header, payload) with one Write from
-// a pooled buffer: without WriteBuffers, smux keeps a 64 KB buffer per
-// session, which every idle agent would cost the relay.
-type vecConn struct{ net.Conn }
-
-var framePool = sync.Pool{New: func() any { return new([]byte) }}
-
-func (c vecConn) WriteBuffers(v [][]byte) (int, error) {
-	bp := framePool.Get().(*[]byte)
-	defer framePool.Put(bp)
-	b := (*bp)[:0]
-	for _, p := range v {
-		b = append(b, p...)
-	}
-	*bp = b
-	return c.Conn.Write(b)
 }
