@@ -1,0 +1,196 @@
+package boltstore
+
+import (
+	"cmp"
+	"context"
+	"encoding/binary"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tetherfleet/tether/controlplane"
+	bolt "go.etcd.io/bbolt"
+)
+
+// Register records the services of the device's current session and
+// returns a lease for each: the same names as before where it had them.
+func (s *Store) Register(ctx context.Context, req controlplane.RegisterRequest) ([]controlplane.Lease, error) {
+	seen := map[string]bool{}
+	for _, svc := range req.Services {
+		if err := controlplane.ValidService(svc); err != nil {
+			return nil, err
+		}
+		if seen[svc.Name] {
+			return nil, controlplane.Errorf(controlplane.KindInvalid, "service %s is registered twice", svc.Name)
+		}
+		seen[svc.Name] = true
+	}
+	now := s.cfg.Now().UTC()
+	var out []controlplane.Lease
+	err := s.db.Batch(func(tx *bolt.Tx) error {
+		out = nil // Batch may run this more than once
+		d, err := s.sessionDevice(tx, req.DeviceID, req.Generation)
+		if err != nil {
+			return err
+		}
+		for _, svc := range req.Services {
+			l, err := s.lease(tx, d, svc, now)
+			if err != nil {
+				return err
+			}
+			l.Relay, l.Online, l.Generation = d.Relay, true, d.Generation
+			out = append(out, l)
+		}
+		d.Services, d.LastSeen = req.Services, now
+		return putJSON(tx.Bucket(bucketDevices), []byte(d.ID), d)
+	})
+	return out, wrap("register", err)
+}
+
+func (s *Store) sessionDevice(tx *bolt.Tx, id string, gen uint64) (controlplane.Device, error) {
+	var d controlplane.Device
+	if ok, err := getJSON(tx.Bucket(bucketDevices), []byte(id), &d); err != nil {
+		return d, err
+	} else if !ok {
+		return d, controlplane.Errorf(controlplane.KindNotFound, "no device %s", id)
+	}
+	if d.Revoked {
+		return d, controlplane.Errorf(controlplane.KindRevoked, "device %s was revoked", d.Name)
+	}
+	if d.Generation != gen {
+		return d, controlplane.Errorf(controlplane.KindConflict, "session %d of %s was superseded by session %d", gen, d.Name, d.Generation)
+	}
+	return d, nil
+}
+
+// lease returns the device's lease for svc, allocating one if needed.
+func (s *Store) lease(tx *bolt.Tx, d controlplane.Device, svc controlplane.Service, now time.Time) (controlplane.Lease, error) {
+	leases := tx.Bucket(bucketLeases)
+	key := []byte(d.ID + "/" + svc.Name)
+	var l controlplane.Lease
+	if ok, err := getJSON(leases, key, &l); err != nil || ok && l.Proto == svc.Proto {
+		return l, err
+	} else if ok {
+		// The service changed protocol: release its old name.
+		if err := s.release(tx, l); err != nil {
+			return l, err
+		}
+	}
+	l = controlplane.Lease{DeviceID: d.ID, DeviceName: d.Name, Service: svc.Name, Proto: svc.Proto, CreatedAt: now}
+	switch svc.Proto {
+	case controlplane.ProtoHTTP:
+		label, err := freeHostname(tx.Bucket(bucketHostnames), svc.Name+"-"+d.Name)
+		if err != nil {
+			return l, err
+		}
+		l.Hostname = label
+		if err := tx.Bucket(bucketHostnames).Put([]byte(label), key); err != nil {
+			return l, err
+		}
+	case controlplane.ProtoTCP:
+		port, err := s.freePort(tx.Bucket(bucketPorts))
+		if err != nil {
+			return l, err
+		}
+		l.Port = port
+		if err := tx.Bucket(bucketPorts).Put(portKey(port), key); err != nil {
+			return l, err
+		}
+	}
+	return l, putJSON(leases, key, l)
+}
+
+func (s *Store) release(tx *bolt.Tx, l controlplane.Lease) error {
+	if l.Hostname != "" {
+		if err := tx.Bucket(bucketHostnames).Delete([]byte(l.Hostname)); err != nil {
+			return err
+		}
+	}
+	if l.Port != 0 {
+		return tx.Bucket(bucketPorts).Delete(portKey(l.Port))
+	}
+	return nil
+}
+
+func freeHostname(b *bolt.Bucket, label string) (string, error) {
+	for i := 1; i < 100000; i++ {
+		cand := label
+		if i > 1 {
+			sfx := "-" + strconv.Itoa(i)
+			cand = label[:min(len(label), 63-len(sfx))] + sfx
+		}
+		if b.Get([]byte(cand)) == nil {
+			return cand, nil
+		}
+	}
+	return "", controlplane.Errorf(controlplane.KindConflict, "no free hostname for %s", label)
+}
+
+// freePort returns the lowest port of the range without a lease.
+func (s *Store) freePort(b *bolt.Bucket) (uint16, error) {
+	want := s.cfg.TCPPorts.First
+	c := b.Cursor()
+	for k, _ := c.Seek(portKey(want)); k != nil; k, _ = c.Next() {
+		p := binary.BigEndian.Uint16(k)
+		if p != want || want == s.cfg.TCPPorts.Last {
+			break
+		}
+		want++
+	}
+	if b.Get(portKey(want)) != nil || want > s.cfg.TCPPorts.Last {
+		return 0, controlplane.Errorf(controlplane.KindConflict, "no free TCP port left in %s", s.cfg.TCPPorts)
+	}
+	return want, nil
+}
+
+func portKey(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
+
+// Lookup finds the lease of a hostname label or a port, with its device's presence.
+func (s *Store) Lookup(ctx context.Context, req controlplane.LookupRequest) (controlplane.Lease, error) {
+	var l controlplane.Lease
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var key []byte
+		if req.Hostname != "" {
+			key = tx.Bucket(bucketHostnames).Get([]byte(req.Hostname))
+		} else {
+			key = tx.Bucket(bucketPorts).Get(portKey(req.Port))
+		}
+		if key == nil {
+			return controlplane.Errorf(controlplane.KindNotFound, "no lease for %s", cmp.Or(req.Hostname, "port "+strconv.Itoa(int(req.Port))))
+		}
+		if _, err := getJSON(tx.Bucket(bucketLeases), key, &l); err != nil {
+			return err
+		}
+		var d controlplane.Device
+		if _, err := getJSON(tx.Bucket(bucketDevices), []byte(l.DeviceID), &d); err != nil {
+			return err
+		}
+		fillPresence(&l, d)
+		return nil
+	})
+	return l, wrap("lookup", err)
+}
+
+func fillPresence(l *controlplane.Lease, d controlplane.Device) {
+	l.DeviceName, l.Relay, l.Generation = d.Name, d.Relay, d.Generation
+	l.Online = d.Online && !d.Revoked && slices.ContainsFunc(d.Services, func(s controlplane.Service) bool { return s.Name == l.Service })
+}
+
+// Leases lists every lease with its device's presence, ordered by device and service.
+func (s *Store) Leases(ctx context.Context) ([]controlplane.Lease, error) {
+	var out []controlplane.Lease
+	err := s.db.View(func(tx *bolt.Tx) error {
+		devices := tx.Bucket(bucketDevices)
+		return forEachJSON(tx.Bucket(bucketLeases), func(l controlplane.Lease) {
+			var d controlplane.Device
+			getJSON(devices, []byte(l.DeviceID), &d)
+			fillPresence(&l, d)
+			out = append(out, l)
+		})
+	})
+	slices.SortFunc(out, func(a, b controlplane.Lease) int {
+		return cmp.Or(strings.Compare(a.DeviceName, b.DeviceName), strings.Compare(a.Service, b.Service))
+	})
+	return out, wrap("list leases", err)
+}
