@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -24,6 +23,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane/httpapi"
+	"github.com/tetherfleet/tether/cross/harness"
 )
 
 func main() {
@@ -42,6 +42,7 @@ func run(ctx context.Context, bin, data string) error {
 	const (
 		httpAddr, httpsAddr = "127.0.0.1:8080", "127.0.0.1:8443"
 		opsURL, adminURL    = "http://127.0.0.1:7071", "http://127.0.0.1:7070"
+		stopGrace           = 15 * time.Second
 	)
 	demoAddr, closeDemo, err := serveDemoPage()
 	if err != nil {
@@ -49,22 +50,20 @@ func run(ctx context.Context, bin, data string) error {
 	}
 	defer closeDemo()
 
-	relay := exec.Command(filepath.Join(bin, "tether-relay"))
-	relay.Env = append(os.Environ(), "TETHER_DATA_DIR="+data, "TETHER_LOG_FORMAT=text",
-		"TETHER_HTTP_ADDR="+httpAddr, "TETHER_HTTPS_ADDR="+httpsAddr, "TETHER_DRAIN_WINDOW=1s")
-	relay.Stdout, relay.Stderr = os.Stdout, os.Stderr
-	if err := relay.Start(); err != nil {
-		return fmt.Errorf("start relay (run make build first): %w", err)
+	relay, err := harness.Start(harness.Cmd{Path: filepath.Join(bin, "tether-relay"), Stdout: os.Stdout, Stderr: os.Stderr,
+		Env: []string{"TETHER_DATA_DIR=" + data, "TETHER_LOG_FORMAT=text",
+			"TETHER_HTTP_ADDR=" + httpAddr, "TETHER_HTTPS_ADDR=" + httpsAddr, "TETHER_DRAIN_WINDOW=1s"}})
+	if err != nil {
+		return fmt.Errorf("%w (run make build first)", err)
 	}
-	relayDone := waitFor(relay)
-	defer stopProcess(relay, relayDone)
-	if err := waitReady(ctx, opsURL+"/readyz", relayDone); err != nil {
+	defer relay.Stop(stopGrace)
+	if err := harness.WaitHTTP(ctx, opsURL+"/readyz", http.StatusOK, 30*time.Second, relay); err != nil {
 		return fmt.Errorf("relay: %w", err)
 	}
 
 	state := filepath.Join(data, "demo-agent")
-	env := append(os.Environ(), "TETHER_RELAY_URL=wss://"+httpsAddr, "TETHER_RELAY_CA="+filepath.Join(data, "ca.pem"),
-		"TETHER_STATE_DIR="+state, "TETHER_SERVICES=demo=http://"+demoAddr, "TETHER_LOG_FORMAT=text")
+	env := []string{"TETHER_RELAY_URL=wss://" + httpsAddr, "TETHER_RELAY_CA=" + filepath.Join(data, "ca.pem"),
+		"TETHER_STATE_DIR=" + state, "TETHER_SERVICES=demo=http://" + demoAddr, "TETHER_LOG_FORMAT=text"}
 	adminToken, err := os.ReadFile(filepath.Join(data, "admin-token"))
 	if err != nil {
 		return fmt.Errorf("read admin token: %w", err)
@@ -77,16 +76,26 @@ func run(ctx context.Context, bin, data string) error {
 		}
 		env = append(env, "TETHER_ENROLL_TOKEN="+tok.Secret)
 	}
-	agent := exec.Command(filepath.Join(bin, "tether-agent"))
-	agent.Env = env
-	agent.Stdout, agent.Stderr = os.Stdout, os.Stderr
-	if err := agent.Start(); err != nil {
-		return fmt.Errorf("start agent: %w", err)
+	agent, err := harness.Start(harness.Cmd{Path: filepath.Join(bin, "tether-agent"), Env: env, Stdout: os.Stdout, Stderr: os.Stderr})
+	if err != nil {
+		return err
 	}
-	agentDone := waitFor(agent)
-	defer stopProcess(agent, agentDone)
+	defer agent.Stop(stopGrace)
 
-	host, err := waitLease(ctx, admin, agentDone)
+	var host string
+	err = harness.Poll(ctx, 30*time.Second, func() error {
+		ls, err := admin.Leases(ctx)
+		if err != nil {
+			return err
+		}
+		for _, l := range ls {
+			if l.Service == "demo" && l.Online && l.Relay != "" {
+				host = l.Hostname
+				return nil
+			}
+		}
+		return errors.New("the demo service is not registered")
+	}, agent, relay)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
@@ -109,75 +118,11 @@ func run(ctx context.Context, bin, data string) error {
 	case <-ctx.Done():
 		fmt.Println("\nstopping...")
 		return nil
-	case err := <-relayDone:
-		return fmt.Errorf("relay exited: %v", err)
-	case err := <-agentDone:
-		return fmt.Errorf("agent exited: %v", err)
+	case <-relay.Done():
+		return fmt.Errorf("relay exited: %v", relay.Err())
+	case <-agent.Done():
+		return fmt.Errorf("agent exited: %v", agent.Err())
 	}
-}
-
-// waitFor returns a channel that yields the process's exit.
-func waitFor(cmd *exec.Cmd) chan error {
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	return done
-}
-
-// stopProcess sends SIGTERM to a process this program started and waits.
-func stopProcess(cmd *exec.Cmd, done chan error) {
-	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		done <- err
-	case <-time.After(15 * time.Second):
-		cmd.Process.Kill()
-	}
-}
-
-// waitReady polls url until it answers 200, the process exits, or 30s pass.
-func waitReady(ctx context.Context, url string, exited chan error) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if resp, err := http.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		select {
-		case err := <-exited:
-			exited <- err
-			return fmt.Errorf("exited before it was ready: %v", err)
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("not ready after 30s (%s)", url)
-}
-
-// waitLease waits until the demo service's lease is online and returns its hostname.
-func waitLease(ctx context.Context, admin *httpapi.Client, exited chan error) (string, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		ls, err := admin.Leases(ctx)
-		if err == nil {
-			for _, l := range ls {
-				if l.Service == "demo" && l.Online && l.Relay != "" {
-					return l.Hostname, nil
-				}
-			}
-		}
-		select {
-		case err := <-exited:
-			exited <- err
-			return "", fmt.Errorf("exited before it registered: %v", err)
-		case <-ctx.Done():
-			return "", ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	return "", errors.New("not registered after 30s")
 }
 
 var page = template.Must(template.New("demo").Parse(`<!doctype html>
