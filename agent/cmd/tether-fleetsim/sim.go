@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tetherfleet/tether/agent"
+	"github.com/tetherfleet/tether/frames"
+)
+
+// sim is the simulated fleet.
+type sim struct {
+	n                   int
+	relay, token, state string
+	prefix              string
+	services            []agent.Service
+	roots               *x509.CertPool
+	heartbeat, report   time.Duration
+	up, down            atomic.Int64 // bytes through the sockets
+	outMu               sync.Mutex
+	out                 *json.Encoder
+}
+
+// event is one line of output; zero fields are left out.
+type event struct {
+	Agent      *int   `json:"agent,omitempty"`
+	Registered int64  `json:"registered,omitempty"`
+	GaveUp     string `json:"gave_up,omitempty"`
+	Up         int64  `json:"up,omitempty"`
+	Down       int64  `json:"down,omitempty"`
+	At         int64  `json:"at,omitempty"`
+}
+
+func (s *sim) emit(e event) {
+	s.outMu.Lock()
+	defer s.outMu.Unlock()
+	s.out.Encode(e)
+}
+
+func (s *sim) run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { s.reportBytes(ctx) })
+	quiet := slog.New(slog.DiscardHandler)
+	for i := range s.n {
+		a, err := agent.New(agent.Config{
+			RelayURLs:         []string{s.relay},
+			EnrollToken:       s.token,
+			StateDir:          filepath.Join(s.state, fmt.Sprint(i)),
+			DeviceName:        fmt.Sprintf("%s-%d", s.prefix, i),
+			Services:          s.services,
+			RootCAs:           s.roots,
+			HeartbeatInterval: s.heartbeat,
+			Logger:            quiet,
+			OnLeases:          func([]frames.Lease) { s.emit(event{Agent: &i, Registered: time.Now().UnixNano()}) },
+			DialContext:       s.dialer(i),
+		})
+		if err != nil {
+			return err
+		}
+		wg.Go(func() {
+			if err := a.Run(ctx); err != nil {
+				s.emit(event{Agent: &i, GaveUp: err.Error()})
+			}
+		})
+		if i%200 == 199 { // devices arrive over time, not all in one instant
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+// dialer spreads the agents over source addresses 127.0.x.y (a source
+// address has only about 28 000 ephemeral ports) and counts their bytes.
+func (s *sim) dialer(i int) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	local := &net.TCPAddr{IP: net.IPv4(127, 0, byte(1+i/50000), byte(2+i%200))}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{LocalAddr: local, KeepAlive: -1}).DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &countingConn{Conn: c, up: &s.up, down: &s.down}, nil
+	}
+}
+
+func (s *sim) reportBytes(ctx context.Context) {
+	t := time.NewTicker(s.report)
+	defer t.Stop()
+	for {
+		s.emit(event{Up: s.up.Load(), Down: s.down.Load(), At: time.Now().UnixNano()})
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// countingConn counts the bytes that cross a socket.
+type countingConn struct {
+	net.Conn
+	up, down *atomic.Int64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.down.Add(int64(n))
+	return n, err
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.up.Add(int64(n))
+	return n, err
+}
