@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -13,18 +12,19 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane/httpapi"
+	"github.com/tetherfleet/tether/cross"
+	"github.com/tetherfleet/tether/cross/harness"
 )
 
-// env is the system under test: origin services, a relay process and an
-// agent process publishing the origins.
+// env is the system under test: origin services, a relay process, and the
+// agents under test (the baseline's and the current one), each its own
+// process publishing the origins under its own device name.
 type env struct {
 	s                   settings
 	dir, bin, data      string
@@ -34,12 +34,36 @@ type env struct {
 	origin              *http.Server
 	originAddr          string
 	srcAddr, sinkAddr   string
-	relay, agent        *proc
-	agentIdleRSS        int64  // right after it registered, before any load
-	host                string // the web service's public hostname
-	srcPort, sinkPort   int    // TCP leases
+	relay               *harness.Proc
+	agents              []*agentRun // the baseline first, if any; current() last
 	caPool              *x509.CertPool
 	admin               *httpapi.Client
+}
+
+// agentRun is one agent binary under test and the names the relay gave it.
+type agentRun struct {
+	label             string // "baseline" or "current"
+	rev               string // what it was built from
+	path              string // its binary, for this machine
+	arm64             int64  // its stripped linux/arm64 size in bytes
+	device            string
+	proc              *harness.Proc
+	idleRSS           int64  // right after it registered, before any load
+	host              string // the web service's public hostname
+	srcPort, sinkPort int    // TCP leases
+}
+
+// current is the agent of the working tree.
+func (e *env) current() *agentRun { return e.agents[len(e.agents)-1] }
+
+// row fills x's baseline and current figures from perAgent, which is in
+// the order of e.agents.
+func (e *env) row(x row, perAgent [][]float64) row {
+	x.current = perAgent[len(perAgent)-1]
+	if len(perAgent) > 1 {
+		x.baseline = perAgent[0]
+	}
+	return x
 }
 
 func newEnv(ctx context.Context, s settings) (*env, error) {
@@ -48,25 +72,21 @@ func newEnv(ctx context.Context, s settings) (*env, error) {
 		return nil, err
 	}
 	e := &env{s: s, dir: dir, bin: filepath.Join(dir, "bin"), data: filepath.Join(dir, "data")}
-	log.Printf("building binaries")
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", e.bin+"/",
-		"./relay/cmd/tether-relay", "./agent/cmd/tether-agent")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build: %v\n%s", err, out)
+	if err := e.build(ctx); err != nil {
+		return e, err
 	}
 	if err := e.startOrigins(); err != nil {
-		return nil, err
+		return e, err
 	}
 	e.httpAddr, e.httpsAddr, e.opsAddr, e.adminAddr = freeAddr(), freeAddr(), freeAddr(), freeAddr()
 	first := 40000 + time.Now().Nanosecond()%10000
 	e.tcpPorts = fmt.Sprintf("%d-%d", first, first+9)
 	if err := e.startRelay(ctx); err != nil {
-		return nil, err
+		return e, err
 	}
 	pem, err := os.ReadFile(filepath.Join(e.data, "ca.pem"))
 	if err != nil {
-		return nil, err
+		return e, err
 	}
 	e.caPool = x509.NewCertPool()
 	e.caPool.AppendCertsFromPEM(pem)
@@ -74,72 +94,119 @@ func newEnv(ctx context.Context, s settings) (*env, error) {
 	e.admin = &httpapi.Client{BaseURL: "http://" + e.adminAddr, Token: strings.TrimSpace(string(token))}
 	tok, err := e.admin.CreateToken(ctx, httpapi.CreateTokenRequest{Uses: 1 << 20, TTL: "2h"})
 	if err != nil {
-		return nil, err
+		return e, err
 	}
-	e.agent = startProc(e.bin+"/tether-agent",
-		"TETHER_RELAY_URL=wss://"+e.httpsAddr, "TETHER_RELAY_CA="+filepath.Join(e.data, "ca.pem"),
-		"TETHER_ENROLL_TOKEN="+tok.Secret, "TETHER_DEVICE_NAME=bench", "TETHER_STATE_DIR="+filepath.Join(dir, "agent"),
-		"TETHER_SERVICES=web=http://"+e.originAddr+",src=tcp://"+e.srcAddr+",sink=tcp://"+e.sinkAddr,
-		"TETHER_LOG_LEVEL=warn")
-	deadline := time.Now().Add(30 * time.Second)
-	for e.srcPort == 0 || e.sinkPort == 0 || e.host == "" {
-		if time.Now().After(deadline) {
-			return nil, errors.New("agent did not register within 30s")
-		}
-		time.Sleep(50 * time.Millisecond)
-		ls, err := e.admin.Leases(ctx)
+	for _, a := range e.agents {
+		a.proc, err = harness.Start(harness.Cmd{Path: a.path, Env: []string{
+			"TETHER_RELAY_URL=wss://" + e.httpsAddr, "TETHER_RELAY_CA=" + filepath.Join(e.data, "ca.pem"),
+			"TETHER_ENROLL_TOKEN=" + tok.Secret, "TETHER_DEVICE_NAME=" + a.device, "TETHER_STATE_DIR=" + filepath.Join(dir, a.device),
+			"TETHER_SERVICES=web=http://" + e.originAddr + ",src=tcp://" + e.srcAddr + ",sink=tcp://" + e.sinkAddr,
+			"TETHER_LOG_LEVEL=warn"}})
 		if err != nil {
-			continue
+			return e, err
 		}
-		for _, l := range ls {
-			switch {
-			case !l.Online:
-			case l.Service == "web":
-				e.host = l.Hostname
-			case l.Service == "src":
-				e.srcPort = int(l.Port)
-			case l.Service == "sink":
-				e.sinkPort = int(l.Port)
-			}
+	}
+	for _, a := range e.agents {
+		if err := e.waitLeases(ctx, a); err != nil {
+			return e, err
 		}
 	}
 	settle(ctx, time.Second)
-	e.agentIdleRSS, _ = e.agent.rss()
+	for _, a := range e.agents {
+		a.idleRSS, _, _ = a.proc.RSS()
+	}
 	return e, nil
 }
 
-func (e *env) startRelay(ctx context.Context) error {
-	e.relay = startProc(e.bin+"/tether-relay", "TETHER_DATA_DIR="+e.data, "TETHER_HTTP_ADDR="+e.httpAddr,
-		"TETHER_HTTPS_ADDR="+e.httpsAddr, "TETHER_OPS_ADDR="+e.opsAddr, "TETHER_ADMIN_ADDR="+e.adminAddr,
-		"TETHER_TCP_PORTS="+e.tcpPorts, "TETHER_TCP_HOST=127.0.0.1", "TETHER_RELAY_ID=bench-relay",
-		"TETHER_DRAIN_WINDOW=2s", "TETHER_LOG_LEVEL=warn")
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if resp, err := http.Get("http://" + e.opsAddr + "/readyz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return nil
-			}
-		}
-		if e.relay.exited() {
-			return fmt.Errorf("relay exited: %s", e.relay.stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
+// build builds the relay, the current agent and the fleet simulator for
+// this machine, the current agent for linux/arm64 (its size), and the
+// baseline agent both ways.
+func (e *env) build(ctx context.Context) error {
+	log.Printf("building the relay, the agent and the fleet simulator")
+	if err := harness.Build(ctx, e.bin, "tether-relay", "tether-agent", "tether-fleetsim"); err != nil {
+		return err
 	}
-	return errors.New("relay not ready within 30s")
+	cur := &agentRun{label: "current", rev: "working tree", path: filepath.Join(e.bin, "tether-agent"), device: "bench"}
+	arm64, _ := cross.Find("tether-agent", "arm64")
+	rs, err := cross.Build(ctx, cross.Options{OutDir: filepath.Join(e.dir, "current-arm64"), Targets: []cross.Target{arm64}})
+	if err != nil && !errors.As(err, new(*cross.BudgetError)) {
+		return err
+	}
+	cur.arm64 = rs[0].Size
+	if e.s.baseline != "" {
+		base, err := buildBaseline(ctx, e.s.baseline, filepath.Join(e.dir, "baseline"))
+		if err != nil {
+			return fmt.Errorf("baseline agent: %w", err)
+		}
+		e.agents = append(e.agents, base)
+	}
+	e.agents = append(e.agents, cur)
+	return nil
 }
 
+// waitLeases waits until a's three services are online and records their names.
+func (e *env) waitLeases(ctx context.Context, a *agentRun) error {
+	return harness.Poll(ctx, 30*time.Second, func() error {
+		ls, err := e.admin.Leases(ctx)
+		if err != nil {
+			return err
+		}
+		for _, l := range ls {
+			switch {
+			case !l.Online || l.DeviceName != a.device:
+			case l.Service == "web":
+				a.host = l.Hostname
+			case l.Service == "src":
+				a.srcPort = int(l.Port)
+			case l.Service == "sink":
+				a.sinkPort = int(l.Port)
+			}
+		}
+		if a.srcPort == 0 || a.sinkPort == 0 || a.host == "" {
+			return fmt.Errorf("the %s agent has not registered its services", a.label)
+		}
+		return nil
+	}, a.proc, e.relay)
+}
+
+func (e *env) startRelay(ctx context.Context) error {
+	var err error
+	e.relay, err = harness.Start(harness.Cmd{Path: filepath.Join(e.bin, "tether-relay"), Env: []string{
+		"TETHER_DATA_DIR=" + e.data, "TETHER_HTTP_ADDR=" + e.httpAddr,
+		"TETHER_HTTPS_ADDR=" + e.httpsAddr, "TETHER_OPS_ADDR=" + e.opsAddr, "TETHER_ADMIN_ADDR=" + e.adminAddr,
+		"TETHER_TCP_PORTS=" + e.tcpPorts, "TETHER_TCP_HOST=127.0.0.1", "TETHER_RELAY_ID=bench-relay",
+		"TETHER_DRAIN_WINDOW=2s", "TETHER_LOG_LEVEL=warn"}})
+	if err != nil {
+		return err
+	}
+	if err := harness.WaitHTTP(ctx, "http://"+e.opsAddr+"/readyz", 200, 30*time.Second, e.relay); err != nil {
+		return fmt.Errorf("relay: %w\n%s", err, e.relay.Logs())
+	}
+	return nil
+}
+
+// stopGrace bounds every process's shutdown.
+const stopGrace = 20 * time.Second
+
 func (e *env) close() {
-	if e.agent != nil {
-		e.agent.stop()
+	for _, a := range e.agents {
+		if a.proc != nil {
+			a.proc.Stop(stopGrace)
+		}
 	}
 	if e.relay != nil {
-		e.relay.stop()
+		e.relay.Stop(stopGrace)
 	}
 	if e.origin != nil {
 		e.origin.Close()
 	}
 	os.RemoveAll(e.dir)
+}
+
+// cpu is a process's CPU time so far (0 once it has exited).
+func cpu(p *harness.Proc) time.Duration {
+	d, _ := p.CPU()
+	return d
 }
 
 // startOrigins starts the device's local services: HTTP (/1k, /blob?n=,
@@ -222,80 +289,6 @@ func (e *env) client(addr string, keepAlive bool) *http.Client {
 		DisableCompression:  true,
 		MaxIdleConnsPerHost: 100,
 	}}
-}
-
-// proc is a process the bench started.
-type proc struct {
-	cmd    *exec.Cmd
-	stderr *strings.Builder
-	done   chan struct{}
-}
-
-func startProc(path string, env ...string) *proc {
-	p := &proc{cmd: exec.Command(path), stderr: &strings.Builder{}, done: make(chan struct{})}
-	p.cmd.Env = append(os.Environ(), env...)
-	p.cmd.Stderr = p.stderr
-	if err := p.cmd.Start(); err != nil {
-		log.Fatalf("start %s: %v", path, err)
-	}
-	go func() { p.cmd.Wait(); close(p.done) }()
-	return p
-}
-
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *proc) stop() {
-	if p.exited() {
-		return
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(20 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
-// cpu returns the process's user+system CPU time.
-func (p *proc) cpu() time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
-}
-
-// rss returns the process's resident set and its peak, in bytes.
-func (p *proc) rss() (cur, peak int64) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		return 0, 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		v, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			cur = v << 10
-		case "VmHWM:":
-			peak = v << 10
-		}
-	}
-	return cur, peak
 }
 
 // relayLive is the relay's live memory: heap and goroutine stacks in use

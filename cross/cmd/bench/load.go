@@ -15,19 +15,6 @@ import (
 	"time"
 )
 
-// measure runs fn reps times and returns the figures.
-func measure(reps int, fn func() (float64, error)) ([]float64, error) {
-	var out []float64
-	for range reps {
-		v, err := fn()
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, v)
-	}
-	return out, nil
-}
-
 func mbps(n int64, d time.Duration) float64 { return float64(n) / 1e6 / d.Seconds() }
 
 // tcpDownload reads n bytes from the source service at addr.
@@ -95,56 +82,91 @@ func httpUpload(c *http.Client, url string, n int64) (float64, error) {
 	return mbps(n, time.Since(start)), nil
 }
 
+// usage is the CPU time the relay and one agent spent on some work.
+type usage struct{ relay, agent time.Duration }
+
+// measureCPU runs fn and adds the relay's and a's CPU time to u.
+func (u *usage) measureCPU(e *env, a *agentRun, fn func() error) error {
+	r0, a0 := cpu(e.relay), cpu(a.proc)
+	err := fn()
+	u.relay += cpu(e.relay) - r0
+	u.agent += cpu(a.proc) - a0
+	return err
+}
+
 // benchThroughput measures single-stream throughput both ways, through a
-// TCP lease and an HTTP lease, and the CPU the relay and agent spend per GB.
+// TCP lease and an HTTP lease, for each agent, and the CPU the relay and
+// the agent spend per GB. Runs interleave: direct, then each agent.
 func benchThroughput(ctx context.Context, e *env, r *report) error {
 	n := e.s.bulk
-	tunnelURL := "http://" + e.host
 	tc := e.client(e.httpAddr, true)
 	dc := e.client(e.originAddr, true)
-	src := fmt.Sprintf("127.0.0.1:%d", e.srcPort)
-	sink := fmt.Sprintf("127.0.0.1:%d", e.sinkPort)
 	type pair struct {
-		name           string
-		direct, tunnel func() (float64, error)
-		down           bool
+		name   string
+		direct func() (float64, error)
+		tunnel func(a *agentRun) (float64, error)
+		down   bool
 	}
 	pairs := []pair{
-		{"TCP lease, device→user (MB/s)", func() (float64, error) { return tcpDownload(e.srcAddr, n) }, func() (float64, error) { return tcpDownload(src, n) }, true},
-		{"TCP lease, user→device (MB/s)", func() (float64, error) { return tcpUpload(e.sinkAddr, n) }, func() (float64, error) { return tcpUpload(sink, n) }, false},
-		{"HTTP lease, download (MB/s)", func() (float64, error) { return httpDownload(dc, "http://"+e.originAddr, n) }, func() (float64, error) { return httpDownload(tc, tunnelURL, n) }, true},
-		{"HTTP lease, upload (MB/s)", func() (float64, error) { return httpUpload(dc, "http://"+e.originAddr, n) }, func() (float64, error) { return httpUpload(tc, tunnelURL, n) }, false},
+		{"TCP lease, device→user (MB/s)", func() (float64, error) { return tcpDownload(e.srcAddr, n) },
+			func(a *agentRun) (float64, error) { return tcpDownload(fmt.Sprintf("127.0.0.1:%d", a.srcPort), n) }, true},
+		{"TCP lease, user→device (MB/s)", func() (float64, error) { return tcpUpload(e.sinkAddr, n) },
+			func(a *agentRun) (float64, error) { return tcpUpload(fmt.Sprintf("127.0.0.1:%d", a.sinkPort), n) }, false},
+		{"HTTP lease, download (MB/s)", func() (float64, error) { return httpDownload(dc, "http://"+e.originAddr, n) },
+			func(a *agentRun) (float64, error) { return httpDownload(tc, "http://"+a.host, n) }, true},
+		{"HTTP lease, upload (MB/s)", func() (float64, error) { return httpUpload(dc, "http://"+e.originAddr, n) },
+			func(a *agentRun) (float64, error) { return httpUpload(tc, "http://"+a.host, n) }, false},
 	}
-	var downCPU, upCPU [2]time.Duration // relay, agent
+	down, up := make([]usage, len(e.agents)), make([]usage, len(e.agents))
 	var downBytes, upBytes int64
 	for _, p := range pairs {
-		if ctx.Err() != nil {
-			return ctx.Err()
+		var direct []float64
+		tunnel := make([][]float64, len(e.agents))
+		for range e.s.reps {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			v, err := p.direct()
+			if err != nil {
+				return err
+			}
+			direct = append(direct, v)
+			for i, a := range e.agents {
+				u := &up[i]
+				if p.down {
+					u = &down[i]
+				}
+				err := u.measureCPU(e, a, func() error {
+					v, err := p.tunnel(a)
+					tunnel[i] = append(tunnel[i], v)
+					return err
+				})
+				if err != nil {
+					return fmt.Errorf("%s agent: %w", a.label, err)
+				}
+			}
+			if p.down {
+				downBytes += n
+			} else {
+				upBytes += n
+			}
 		}
-		direct, err := measure(e.s.reps, p.direct)
-		if err != nil {
-			return err
-		}
-		r0, a0 := e.relay.cpu(), e.agent.cpu()
-		tunnel, err := measure(e.s.reps, p.tunnel)
-		if err != nil {
-			return err
-		}
-		dr, da := e.relay.cpu()-r0, e.agent.cpu()-a0
-		if p.down {
-			downCPU[0] += dr
-			downCPU[1] += da
-			downBytes += n * int64(e.s.reps)
-		} else {
-			upCPU[0] += dr
-			upCPU[1] += da
-			upBytes += n * int64(e.s.reps)
-		}
-		r.add(row{name: p.name, direct: direct, tunnel: tunnel, higherBetter: true, goal: "≥ 1000"})
+		r.add(e.row(row{name: p.name, direct: direct, higherBetter: true, goal: "≥ 1000"}, tunnel))
 	}
-	perGB := func(d time.Duration, b int64) []float64 { return []float64{d.Seconds() / (float64(b) / 1e9)} }
-	r.add(row{name: "CPU s per GB device→user: relay + agent", tunnel: perGB(downCPU[0]+downCPU[1], downBytes), goal: "≤ 2.0", note: fmt.Sprintf("relay %.2f, agent %.2f", perGB(downCPU[0], downBytes)[0], perGB(downCPU[1], downBytes)[0])})
-	r.add(row{name: "CPU s per GB user→device: relay + agent", tunnel: perGB(upCPU[0]+upCPU[1], upBytes), note: fmt.Sprintf("relay %.2f, agent %.2f", perGB(upCPU[0], upBytes)[0], perGB(upCPU[1], upBytes)[0])})
+	perGB := func(d time.Duration, b int64) float64 { return d.Seconds() / (float64(b) / 1e9) }
+	for _, dir := range []struct {
+		name, goal string
+		u          []usage
+		bytes      int64
+	}{{"CPU s per GB device→user: relay + agent", "≤ 2.0", down, downBytes}, {"CPU s per GB user→device: relay + agent", "", up, upBytes}} {
+		per := make([][]float64, len(e.agents))
+		var notes []string
+		for i, a := range e.agents {
+			per[i] = []float64{perGB(dir.u[i].relay+dir.u[i].agent, dir.bytes)}
+			notes = append(notes, fmt.Sprintf("%s: relay %.2f, agent %.2f", a.label, perGB(dir.u[i].relay, dir.bytes), perGB(dir.u[i].agent, dir.bytes)))
+		}
+		r.add(e.row(row{name: dir.name, goal: dir.goal, note: strings.Join(notes, "; ")}, per))
+	}
 	return nil
 }
 
@@ -228,57 +250,81 @@ func runHey(ctx context.Context, d time.Duration, host, url string) (float64, fl
 	return p50, p99, nil
 }
 
-// benchHTTP measures HTTP through Host routing: keep-alive, a new
-// connection per request, and latency at a fixed rate; with the CPU per
-// 10 000 requests and the agent's memory under load.
+// benchHTTP measures HTTP through Host routing for each agent: keep-alive
+// and a new connection per request, with the CPU per 10 000 requests and
+// the agents' memory under load; then, for the current agent, latency at a
+// fixed rate.
 func benchHTTP(ctx context.Context, e *env, r *report) error {
 	d := e.s.loadFor
 	directURL, tunnelURL := "http://"+e.originAddr+"/1k", "http://"+e.httpAddr+"/1k"
-	idle := e.agentIdleRSS
 	for _, closeConn := range []bool{false, true} {
-		var dr, tr []wrkResult
-		var cpuRelay, cpuAgent time.Duration
-		var reqs int64
+		var direct []wrkResult
+		tunnel := make([][]wrkResult, len(e.agents))
+		use := make([]usage, len(e.agents))
+		reqs := make([]int64, len(e.agents))
 		for range e.s.reps {
 			res, err := runWrk(ctx, d, e.originAddr, directURL, closeConn)
 			if err != nil {
 				return err
 			}
-			dr = append(dr, res)
-			r0, a0 := e.relay.cpu(), e.agent.cpu()
-			res, err = runWrk(ctx, d, e.host, tunnelURL, closeConn)
-			if err != nil {
-				return err
+			direct = append(direct, res)
+			for i, a := range e.agents {
+				err := use[i].measureCPU(e, a, func() error {
+					res, err := runWrk(ctx, d, a.host, tunnelURL, closeConn)
+					tunnel[i] = append(tunnel[i], res)
+					reqs[i] += res.requests
+					return err
+				})
+				if err != nil {
+					return fmt.Errorf("%s agent: %w", a.label, err)
+				}
 			}
-			cpuRelay += e.relay.cpu() - r0
-			cpuAgent += e.agent.cpu() - a0
-			reqs += res.requests
-			tr = append(tr, res)
 		}
-		pick := func(rs []wrkResult, f func(wrkResult) float64) []float64 {
-			var out []float64
-			for _, r := range rs {
-				out = append(out, f(r))
+		pick := func(f func(wrkResult) float64) ([]float64, [][]float64) {
+			var dv []float64
+			for _, w := range direct {
+				dv = append(dv, f(w))
 			}
-			return out
+			tv := make([][]float64, len(tunnel))
+			for i, ws := range tunnel {
+				for _, w := range ws {
+					tv[i] = append(tv[i], f(w))
+				}
+			}
+			return dv, tv
+		}
+		add := func(x row, f func(wrkResult) float64) {
+			var perAgent [][]float64
+			x.direct, perAgent = pick(f)
+			r.add(e.row(x, perAgent))
 		}
 		rps := func(w wrkResult) float64 { return w.rps }
-		p50 := func(w wrkResult) float64 { return w.p50 }
-		p99 := func(w wrkResult) float64 { return w.p99 }
-		if !closeConn {
-			r.add(row{name: "HTTP 1 KiB, 50 keep-alive conns (req/s)", direct: pick(dr, rps), tunnel: pick(tr, rps), higherBetter: true, goal: "≥ 25 000"})
-			r.add(row{name: "  latency p50 (ms)", direct: pick(dr, p50), tunnel: pick(tr, p50)})
-			r.add(row{name: "  latency p99 (ms)", direct: pick(dr, p99), tunnel: pick(tr, p99), goal: "≤ 5"})
-			per10k := func(c time.Duration) float64 { return c.Seconds() / float64(reqs) * 10000 }
-			r.add(row{name: "CPU s per 10 000 requests: relay + agent", tunnel: []float64{per10k(cpuRelay + cpuAgent)}, goal: "≤ 0.35",
-				note: fmt.Sprintf("relay %.3f, agent %.3f", per10k(cpuRelay), per10k(cpuAgent))})
-		} else {
-			r.add(row{name: "HTTP 1 KiB, new connection per request (req/s)", direct: pick(dr, rps), tunnel: pick(tr, rps), higherBetter: true, goal: "≥ 6 000"})
+		if closeConn {
+			add(row{name: "HTTP 1 KiB, new connection per request (req/s)", higherBetter: true, goal: "≥ 6 000"}, rps)
+			continue
 		}
+		add(row{name: "HTTP 1 KiB, 50 keep-alive conns (req/s)", higherBetter: true, goal: "≥ 25 000"}, rps)
+		add(row{name: "  latency p50 (ms)"}, func(w wrkResult) float64 { return w.p50 })
+		add(row{name: "  latency p99 (ms)", goal: "≤ 5"}, func(w wrkResult) float64 { return w.p99 })
+		per := make([][]float64, len(e.agents))
+		var notes []string
+		for i, a := range e.agents {
+			per10k := func(c time.Duration) float64 { return c.Seconds() / float64(reqs[i]) * 10000 }
+			per[i] = []float64{per10k(use[i].relay + use[i].agent)}
+			notes = append(notes, fmt.Sprintf("%s: relay %.3f, agent %.3f", a.label, per10k(use[i].relay), per10k(use[i].agent)))
+		}
+		r.add(e.row(row{name: "CPU s per 10 000 requests: relay + agent", goal: "≤ 0.35", note: strings.Join(notes, "; ")}, per))
 	}
-	_, peak := e.agent.rss()
-	r.add(row{name: "agent RSS idle / peak under load (MB)", tunnel: []float64{float64(idle) / 1e6}, note: fmt.Sprintf("peak %.1f MB", float64(peak)/1e6), goal: "≤ 8"})
+	idle := make([][]float64, len(e.agents))
+	var notes []string
+	for i, a := range e.agents {
+		_, peak, _ := a.proc.RSS()
+		idle[i] = []float64{float64(a.idleRSS) / 1e6}
+		notes = append(notes, fmt.Sprintf("%s peak %.1f MB", a.label, float64(peak)/1e6))
+	}
+	r.add(e.row(row{name: "agent RSS idle (MB)", goal: "≤ 8", note: "peak under load: " + strings.Join(notes, ", ")}, idle))
 
+	cur := e.current()
 	var d50, d99, t50, t99 []float64
 	for range e.s.reps {
 		a, b, err := runHey(ctx, d, "", directURL)
@@ -286,21 +332,24 @@ func benchHTTP(ctx context.Context, e *env, r *report) error {
 			return err
 		}
 		d50, d99 = append(d50, a), append(d99, b)
-		a, b, err = runHey(ctx, d, e.host, tunnelURL)
+		a, b, err = runHey(ctx, d, cur.host, tunnelURL)
 		if err != nil {
 			return err
 		}
 		t50, t99 = append(t50, a), append(t99, b)
 	}
-	r.add(row{name: "HTTP at a fixed 1 000 req/s: p50 (ms)", direct: d50, tunnel: t50, goal: "≤ 0.6"})
-	r.add(row{name: "  p99 (ms)", direct: d99, tunnel: t99, goal: "≤ 1.2"})
+	r.add(row{name: "HTTP at a fixed 1 000 req/s: p50 (ms)", direct: d50, current: t50, goal: "≤ 0.6", note: "current agent only"})
+	r.add(row{name: "  p99 (ms)", direct: d99, current: t99, goal: "≤ 1.2"})
 	return nil
 }
 
 // profileRelay captures 5 s of the relay's CPU profile under wrk load.
 func profileRelay(ctx context.Context, e *env, path string) error {
 	done := make(chan error, 1)
-	go func() { _, err := runWrk(ctx, 7*time.Second, e.host, "http://"+e.httpAddr+"/1k", false); done <- err }()
+	go func() {
+		_, err := runWrk(ctx, 7*time.Second, e.current().host, "http://"+e.httpAddr+"/1k", false)
+		done <- err
+	}()
 	time.Sleep(time.Second)
 	resp, err := http.Get("http://" + e.opsAddr + "/debug/pprof/profile?seconds=5")
 	if err != nil {

@@ -1,13 +1,19 @@
 // Command bench is `make bench`: it measures Tether on loopback against the
-// same measurement without the tunnel (direct), in the same run, and writes
-// the table to BENCHMARKS.md.
+// same measurement without the tunnel (direct), and the current agent
+// against a baseline agent built from an older revision, all in the same
+// run, and writes the table to BENCHMARKS.md.
 //
-// The relay and the agent are the real binaries, each its own process, so
-// their CPU time and memory are read from /proc separately. The fleet
-// simulator runs many agents (the agent package, each with its own key and
-// its own wss connection) inside this process, spread over 127.0.0.x
-// source addresses. wrk and hey come from Debian and are installed when
-// missing. BENCH_QUICK=1 runs smaller sizes and shorter windows.
+// The relay and the agents are the real binaries, each its own process
+// (started through cross/harness), so their CPU time and memory are read
+// from /proc separately. The fleet figures come from tether-fleetsim,
+// which runs many agents (the agent package, each with its own key and
+// its own wss connection) in one process, spread over 127.0.0.x source
+// addresses. wrk and hey come from Debian and are installed when missing.
+//
+// The baseline is -baseline-agent REV, or $BENCH_BASELINE, by default the
+// parent of the commit that replaced the agent's hand-written WebSocket
+// client; "none" measures the current agent alone. BENCH_QUICK=1 runs
+// smaller sizes and shorter windows.
 package main
 
 import (
@@ -21,6 +27,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tetherfleet/tether/cross"
 )
 
 // settings of a run.
@@ -34,12 +42,15 @@ type settings struct {
 	stormFleet int
 	heartbeat  time.Duration
 	profile    string // write a relay CPU profile instead of benchmarking
+	baseline   string // git revision of the baseline agent; empty: none
 	out        string
 }
 
 func main() {
 	out := flag.String("out", "BENCHMARKS.md", "where the table is written")
 	profile := flag.String("profile", "", "instead of the benchmarks: write a CPU profile of the relay under HTTP keep-alive load to this file")
+	baseline := flag.String("baseline-agent", os.Getenv("BENCH_BASELINE"), "git revision whose agent is measured next to the current one ($BENCH_BASELINE; "+
+		"empty: the parent of the commit that replaced the agent's WebSocket client; none: no baseline)")
 	flag.Parse()
 	s := settings{quick: os.Getenv("BENCH_QUICK") != "", reps: 3, heartbeat: 15 * time.Second, out: *out, profile: *profile}
 	if s.quick {
@@ -49,11 +60,21 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	limit := 12 * time.Minute
-	if s.quick {
-		limit = 3 * time.Minute
+	switch *baseline {
+	case "none":
+	case "":
+		s.baseline = defaultBaseline(ctx)
+	default:
+		s.baseline = *baseline
 	}
-	ctx, cancel := context.WithTimeout(ctx, limit) // every load loop is bounded
+	if s.profile != "" {
+		s.baseline = ""
+	}
+	limit := 15 * time.Minute
+	if s.quick {
+		limit = 4 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, limit) // builds and every load loop are bounded
 	defer cancel()
 	start := time.Now()
 	if err := run(ctx, s); err != nil {
@@ -67,15 +88,27 @@ func run(ctx context.Context, s settings) error {
 	if err := ensureTools(); err != nil {
 		return err
 	}
+	start := time.Now()
 	env, err := newEnv(ctx, s)
+	if env != nil {
+		defer env.close()
+	}
 	if err != nil {
 		return err
 	}
-	defer env.close()
 	if s.profile != "" {
 		return profileRelay(ctx, env, s.profile)
 	}
-	r := &report{settings: s, started: time.Now()}
+	r := &report{settings: s, started: start}
+	sizes := make([][]float64, len(env.agents))
+	for i, a := range env.agents {
+		sizes[i] = []float64{float64(a.arm64) / cross.MiB}
+		if a.label == "baseline" {
+			r.baseline = a.rev
+		}
+	}
+	budget, _ := cross.Find("tether-agent", "arm64")
+	r.add(env.row(row{name: "agent size, stripped linux/arm64 (MiB)", goal: fmt.Sprintf("≤ %.1f (budget)", float64(budget.Budget)/cross.MiB)}, sizes))
 	log.Printf("throughput (%d MiB per run, %d runs each)", s.bulk>>20, s.reps)
 	if err := benchThroughput(ctx, env, r); err != nil {
 		return fmt.Errorf("throughput: %w", err)

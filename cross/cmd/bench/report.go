@@ -10,23 +10,27 @@ import (
 	"time"
 )
 
-// row is one figure: the direct baseline (if any) and through the tunnel.
+// row is one figure: without the tunnel (direct), through the tunnel with
+// the baseline agent and with the current agent; each is empty where it
+// was not measured.
 type row struct {
-	name           string
-	direct, tunnel []float64
-	higherBetter   bool
-	goal, note     string
+	name                      string
+	direct, baseline, current []float64
+	higherBetter              bool
+	goal, note                string
 }
 
 type report struct {
 	settings settings
 	started  time.Time
+	baseline string // the baseline agent's revision; empty if none
 	rows     []row
 }
 
 func (r *report) add(x row) {
 	r.rows = append(r.rows, x)
-	fmt.Printf("  %-48s direct %-22s tunnel %-22s %s %s\n", x.name, summary(x.direct), summary(x.tunnel), ratio(x), x.note)
+	fmt.Printf("  %-48s direct %-20s baseline %-20s current %-20s %s %s %s\n", x.name, summary(x.direct), summary(x.baseline),
+		summary(x.current), ratio(x.current, x.direct), ratio(x.current, x.baseline), x.note)
 }
 
 // summary is "median (min..max)".
@@ -62,12 +66,12 @@ func num(f float64) string {
 	}
 }
 
-// ratio is tunnel/direct of the medians.
-func ratio(x row) string {
-	if len(x.direct) == 0 || median(x.direct) == 0 {
+// ratio is a/b of the medians.
+func ratio(a, b []float64) string {
+	if len(a) == 0 || len(b) == 0 || median(b) == 0 {
 		return "–"
 	}
-	return fmt.Sprintf("%.2f×", median(x.tunnel)/median(x.direct))
+	return fmt.Sprintf("%.2f×", median(a)/median(b))
 }
 
 const analysisMarker = "## Analysis"
@@ -83,14 +87,17 @@ func (r *report) write(machine string) error {
 	}
 	fmt.Fprintf(&b, "# Benchmarks\n\nMeasured by `%s` on %s, %s, at %s (took %v).\n\n",
 		mode, r.started.UTC().Format("2006-01-02 15:04 MST"), machine, strings.TrimSpace(string(rev)), time.Since(r.started).Round(time.Second))
-	fmt.Fprintf(&b, "Everything runs on loopback on this one machine: the relay and the agent are the real binaries, each its own process; "+
+	fmt.Fprintf(&b, "Everything runs on loopback on this one machine: the relay and the agents are the real binaries, each its own process; "+
 		"the load generators (wrk, hey, Go clients) and the origin services share the same %d cores. "+
 		"Each figure is the median of %d runs with min..max; *direct* is the same measurement against the origin service without the tunnel, "+
-		"in the same run, and the ratio is tunnel/direct. Goals are from the issue, measured on peers the same way; they are targets, not assertions.\n\n",
-		numCPU(), r.settings.reps)
-	b.WriteString("| figure | direct | through Tether | ratio | goal | notes |\n|---|---|---|---|---|---|\n")
+		"in the same run. *Current* is the agent of the working tree, *baseline* the agent built from %s with that revision's own Makefile flags; "+
+		"both run at once against the same current relay, each under its own device name, and their runs interleave (direct, baseline, current). "+
+		"Goals are from the issue, measured on peers the same way; they are targets, not assertions.\n\n",
+		numCPU(), r.settings.reps, dash(r.baseline))
+	b.WriteString("| figure | direct | baseline agent | current agent | current/direct | current/baseline | goal | notes |\n|---|---|---|---|---|---|---|---|\n")
 	for _, x := range r.rows {
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(x.name), summary(x.direct), summary(x.tunnel), ratio(x), dash(x.goal), x.note)
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(x.name), summary(x.direct), summary(x.baseline), summary(x.current),
+			ratio(x.current, x.direct), ratio(x.current, x.baseline), dash(x.goal), x.note)
 	}
 	b.WriteString("\n")
 	if old, err := os.ReadFile(r.settings.out); err == nil {
