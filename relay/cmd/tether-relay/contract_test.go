@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,13 +15,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/cross/harness"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
 
@@ -32,11 +32,16 @@ func TestContract(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binaries")
 	}
-	bin := buildBinaries(t)
-	top := t          // processes live until the whole test ends
-	var procs []*proc // every process started, for the log checks
-	start := func(t *testing.T, bin, name string, env ...string) *proc {
-		p := startProc(t, top, bin, name, env...)
+	bin := harness.BuildT(t, "tether-relay", "tether-agent", "tether-controlplane", "tetherctl")
+	top := t                  // processes live until the whole test ends
+	var procs []*harness.Proc // every process started, for the log checks
+	start := func(t *testing.T, bin, name string, env ...string) *harness.Proc {
+		t.Helper()
+		p, err := harness.Start(harness.Cmd{Path: filepath.Join(bin, name), Env: env})
+		if err != nil {
+			t.Fatal(err)
+		}
+		harness.StopAtEnd(top, p)
 		procs = append(procs, p)
 		return p
 	}
@@ -47,13 +52,19 @@ func TestContract(t *testing.T) {
 		"TETHER_DATA_DIR=" + data, "TETHER_HTTPS_ADDR=" + addr["https"], "TETHER_HTTP_ADDR=" + addr["http"],
 		"TETHER_OPS_ADDR=" + addr["ops"], "TETHER_ADMIN_ADDR=" + addr["admin"], "TETHER_TCP_HOST=127.0.0.1",
 		"TETHER_TCP_PORTS=" + ports.String(), "TETHER_RELAY_ID=relay-1", "TETHER_DRAIN_WINDOW=500ms", "TETHER_LOG_FORMAT=json",
+		// Kubernetes sets variables like this one for a service named
+		// tether-relay: warned about, never refused.
+		"TETHER_RELAY_SERVICE_HOST=x",
 	}
 	ctlEnv := []string{"TETHER_ADMIN_URL=http://" + addr["admin"], "TETHER_ADMIN_TOKEN_FILE=" + filepath.Join(data, "admin-token")}
 
 	relay := start(t, bin, "tether-relay", relayEnv...)
-	waitHTTP(t, "http://"+addr["ops"]+"/readyz", 200)
-	if !strings.Contains(relay.stdout(), "Admin token (shown once") {
-		t.Fatalf("relay did not print the generated admin token: %s", relay.stdout())
+	waitHTTP(t, "http://"+addr["ops"]+"/readyz", 200, relay)
+	if !strings.Contains(relay.Stdout(), "Admin token (shown once") {
+		t.Fatalf("relay did not print the generated admin token: %s", relay.Stdout())
+	}
+	if line := warning(relay, "TETHER_RELAY_SERVICE_HOST"); line == "" {
+		t.Errorf("the relay started without a warning naming TETHER_RELAY_SERVICE_HOST:\n%s", relay.Logs())
 	}
 
 	out := ctl(t, bin, ctlEnv, "token", "create", "--uses", "5", "--ttl", "1h", "--label", "site=lab")
@@ -115,8 +126,8 @@ func TestContract(t *testing.T) {
 	}
 
 	t.Run("agent restart without token keeps identity and names", func(t *testing.T) {
-		agent.stop(t, syscall.SIGTERM)
-		if code := agent.exitCode(); code != 0 {
+		stop(t, agent, syscall.SIGTERM)
+		if code := agent.ExitCode(); code != 0 {
 			t.Fatalf("agent exit status after SIGTERM: %d", code)
 		}
 		agent = start(t, bin, "tether-agent", agentEnv...)
@@ -129,28 +140,22 @@ func TestContract(t *testing.T) {
 	})
 
 	t.Run("second relay on the same data dir fails fast", func(t *testing.T) {
-		env := append([]string{}, relayEnv...)
-		for i, kv := range env {
-			if strings.HasPrefix(kv, "TETHER_") && strings.Contains(kv, "_ADDR=") {
-				env[i] = strings.SplitN(kv, "=", 2)[0] + "=" + freeAddr(t)
-			}
-		}
 		begin := time.Now()
-		second := start(t, bin, "tether-relay", env...)
-		second.waitExit(t, 5*time.Second)
+		second := start(t, bin, "tether-relay", otherAddrs(t, relayEnv)...)
+		waitExit(t, second, 5*time.Second)
 		if d := time.Since(begin); d > 3*time.Second { // 2 s budget plus process start under -race load
 			t.Errorf("second relay took %v to fail", d)
 		}
-		if second.exitCode() == 0 || !strings.Contains(second.stderr(), "locked by another process") {
-			t.Fatalf("second relay: status %d, stderr %s", second.exitCode(), second.stderr())
+		if second.ExitCode() == 0 || !strings.Contains(second.Stderr(), "locked by another process") {
+			t.Fatalf("second relay: status %d, stderr %s", second.ExitCode(), second.Stderr())
 		}
 	})
 
 	t.Run("relay restart and kill -9: leases kept, agent reconnects", func(t *testing.T) {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
-			relay.stop(t, sig)
+			stop(t, relay, sig)
 			relay = start(t, bin, "tether-relay", relayEnv...)
-			waitHTTP(t, "http://"+addr["ops"]+"/readyz", 200)
+			waitHTTP(t, "http://"+addr["ops"]+"/readyz", 200, relay)
 			again, g := waitLeases(t, bin, ctlEnv, 2, gen)
 			gen = g
 			if fmt.Sprint(again) != fmt.Sprint(leases) {
@@ -162,20 +167,29 @@ func TestContract(t *testing.T) {
 
 	t.Run("bad settings fail at start with a clear message", func(t *testing.T) {
 		bad := start(t, bin, "tether-agent", append(agentEnv, "TETHER_SERVICES=web=http://127.0.0.1:3000,ssh=ftp://x:21")...)
-		bad.waitExit(t, 10*time.Second)
-		if bad.exitCode() != 1 || !strings.Contains(bad.stderr(), `"ssh=ftp://x:21"`) {
-			t.Fatalf("status %d: %s", bad.exitCode(), bad.stderr())
+		waitExit(t, bad, 10*time.Second)
+		if bad.ExitCode() != 1 || !strings.Contains(bad.Stderr(), `"ssh=ftp://x:21"`) {
+			t.Fatalf("status %d: %s", bad.ExitCode(), bad.Stderr())
 		}
-		typo := start(t, bin, "tether-agent", append(agentEnv, "TETHER_SERIVCES=x")...)
-		typo.waitExit(t, 10*time.Second)
-		if typo.exitCode() != 1 || !strings.Contains(typo.stderr(), "TETHER_SERIVCES") {
-			t.Fatalf("typo: status %d: %s", typo.exitCode(), typo.stderr())
+		badRelay := start(t, bin, "tether-relay", append(otherAddrs(t, relayEnv), "TETHER_DATA_DIR="+t.TempDir(), "TETHER_TCP_PORTS=not-a-range")...)
+		waitExit(t, badRelay, 10*time.Second)
+		if badRelay.ExitCode() != 1 || !strings.Contains(badRelay.Stderr(), "not-a-range") {
+			t.Fatalf("relay with TETHER_TCP_PORTS=not-a-range: status %d: %s", badRelay.ExitCode(), badRelay.Stderr())
+		}
+		// An unknown variable is warned about, naming the closest known
+		// one, and the agent goes on: this one, never enrolled and given
+		// no token, then stops with status 4, not 1.
+		typo := start(t, bin, "tether-agent", "TETHER_RELAY_URL=wss://"+addr["https"], "TETHER_RELAY_CA="+filepath.Join(data, "ca.pem"),
+			"TETHER_STATE_DIR="+t.TempDir(), "TETHER_SERVICES=web="+web.URL, "TETHER_SERIVCES=x")
+		waitExit(t, typo, 10*time.Second)
+		if line := warning(typo, "TETHER_SERIVCES"); typo.ExitCode() != 4 || !strings.Contains(line, "TETHER_SERVICES") {
+			t.Fatalf("typo: status %d, warning %q:\n%s", typo.ExitCode(), line, typo.Logs())
 		}
 		refused := start(t, bin, "tether-agent", "TETHER_RELAY_URL=wss://"+addr["https"], "TETHER_RELAY_CA="+filepath.Join(data, "ca.pem"),
 			"TETHER_STATE_DIR="+t.TempDir(), "TETHER_SERVICES=web="+web.URL, "TETHER_ENROLL_TOKEN=tth_wrong")
-		refused.waitExit(t, 10*time.Second)
-		if refused.exitCode() != 4 || !strings.Contains(refused.stderr(), "401") || strings.Contains(relay.stderr(), "tth_wrong") {
-			t.Fatalf("bad token: status %d: %s", refused.exitCode(), refused.stderr())
+		waitExit(t, refused, 10*time.Second)
+		if refused.ExitCode() != 4 || !strings.Contains(refused.Stderr(), "401") || strings.Contains(relay.Stderr(), "tth_wrong") {
+			t.Fatalf("bad token: status %d: %s", refused.ExitCode(), refused.Stderr())
 		}
 	})
 
@@ -184,16 +198,16 @@ func TestContract(t *testing.T) {
 		if out := ctl(t, bin, ctlEnv, "revoke", "pi01"); !strings.Contains(out, "revoked pi01") {
 			t.Fatalf("revoke printed %q", out)
 		}
-		agent.waitExit(t, 5*time.Second)
+		waitExit(t, agent, 5*time.Second)
 		t.Logf("agent exited %v after revoke", time.Since(begin))
-		if agent.exitCode() != 3 || !strings.Contains(agent.stderr(), "revoked") {
-			t.Fatalf("revoked agent: status %d: %s", agent.exitCode(), agent.stderr())
+		if agent.ExitCode() != 3 || !strings.Contains(agent.Stderr(), "revoked") {
+			t.Fatalf("revoked agent: status %d: %s", agent.ExitCode(), agent.Stderr())
 		}
 		get(t, client, "http://web-pi01.localhost/", 503)
 	})
 
 	t.Run("ops endpoints", func(t *testing.T) {
-		waitHTTP(t, "http://"+addr["ops"]+"/healthz", 200)
+		waitHTTP(t, "http://"+addr["ops"]+"/healthz", 200, relay)
 		resp, err := http.Get("http://" + addr["ops"] + "/metrics")
 		if err != nil {
 			t.Fatal(err)
@@ -211,7 +225,7 @@ func TestContract(t *testing.T) {
 		adminToken, _ := os.ReadFile(filepath.Join(data, "admin-token"))
 		var logs string
 		for _, p := range procs {
-			logs += p.stderr()
+			logs += p.Stderr()
 		}
 		if !strings.Contains(logs, "device enrolled") {
 			t.Fatal("the logs checked do not cover the enrollment")
@@ -241,19 +255,6 @@ func TestContract(t *testing.T) {
 	})
 }
 
-func buildBinaries(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./relay/cmd/tether-relay", "./agent/cmd/tether-agent",
-		"./controlplane/cmd/tether-controlplane", "./controlplane/cmd/tetherctl")
-	cmd.Dir = "../../.."
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
-	return dir
-}
-
 func freeAddr(t *testing.T) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -263,75 +264,41 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// proc is a binary this test started.
-type proc struct {
-	cmd       *exec.Cmd
-	out, errb *syncBuffer
-	done      chan struct{}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
-
-// startProc starts a binary; it is stopped when owner ends.
-func startProc(t, owner *testing.T, bin, name string, env ...string) *proc {
-	t.Helper()
-	p := &proc{cmd: exec.Command(filepath.Join(bin, name)), out: &syncBuffer{}, errb: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd.Env = append(os.Environ(), env...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.errb
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.cmd.Wait(); close(p.done) }()
-	owner.Cleanup(func() {
-		p.stop(owner, syscall.SIGTERM)
-		if owner.Failed() {
-			owner.Logf("%s stderr:\n%s", name, p.stderr())
+// otherAddrs is env with a free address in every TETHER_*_ADDR.
+func otherAddrs(t *testing.T, env []string) []string {
+	env = slices.Clone(env)
+	for i, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "TETHER_") && strings.HasSuffix(k, "_ADDR") {
+			env[i] = k + "=" + freeAddr(t)
 		}
-	})
-	return p
+	}
+	return env
 }
 
-func (p *proc) stdout() string { return p.out.String() }
-func (p *proc) stderr() string { return p.errb.String() }
-
-func (p *proc) exitCode() int {
-	<-p.done
-	return p.cmd.ProcessState.ExitCode()
-}
-
-func (p *proc) waitExit(t *testing.T, within time.Duration) {
+// stop stops p with sig (SIGKILL to crash it), failing t if p ignores it.
+func stop(t *testing.T, p *harness.Proc, sig syscall.Signal) {
 	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(within):
-		t.Fatalf("%s still running after %v", p.cmd.Path, within)
+	if err := p.StopWith(sig, harness.StopGrace); err != nil {
+		t.Error(err)
 	}
 }
 
-func (p *proc) stop(t *testing.T, sig syscall.Signal) {
-	select {
-	case <-p.done:
-		return
-	default:
+func waitExit(t *testing.T, p *harness.Proc, within time.Duration) {
+	t.Helper()
+	if err := p.WaitExit(within); err != nil {
+		t.Fatalf("%v\n%s", err, p.Logs())
 	}
-	p.cmd.Process.Signal(sig)
-	select {
-	case <-p.done:
-	case <-time.After(20 * time.Second):
-		t.Errorf("%s ignored %v for 20s", p.cmd.Path, sig)
-		p.cmd.Process.Kill()
-		<-p.done
+}
+
+// warning returns the first line of p's output that is a warning naming
+// the variable name, or "".
+func warning(p *harness.Proc, name string) string {
+	for line := range strings.Lines(p.Stdout() + p.Stderr()) {
+		if strings.Contains(line, name) && strings.Contains(strings.ToUpper(line), "WARN") {
+			return line
+		}
 	}
+	return ""
 }
 
 func ctl(t *testing.T, bin string, env []string, args ...string) string {
@@ -381,19 +348,13 @@ func waitLeases(t *testing.T, bin string, env []string, n int, after uint64) (ma
 	return out, gen
 }
 
-func waitHTTP(t *testing.T, url string, status int) {
+// waitHTTP waits until url answers status, failing fast if the process
+// that serves it exits.
+func waitHTTP(t *testing.T, url string, status int, server *harness.Proc) {
 	t.Helper()
-	relaytest.Eventually(t, 20*time.Second, func() error {
-		resp, err := http.Get(url)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != status {
-			return errors.New(resp.Status)
-		}
-		return nil
-	})
+	if err := harness.WaitHTTP(t.Context(), url, status, 20*time.Second, server); err != nil {
+		t.Fatalf("%v\n%s", err, server.Logs())
+	}
 }
 
 // publicClient reaches the relay's listeners whatever the URL's host, as a
