@@ -14,8 +14,9 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 RUN go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/ \
-      ./relay/cmd/tether-relay ./agent/cmd/tether-agent \
-      ./controlplane/cmd/tether-controlplane ./controlplane/cmd/tetherctl \
+      ./relay/cmd/tether-relay ./controlplane/cmd/tether-controlplane ./controlplane/cmd/tetherctl \
+ && go build -trimpath -tags nethttpomithttp2 -ldflags "-s -w -X main.version=${VERSION}" -o /out/ \
+      ./agent/cmd/tether-agent \
  && mkdir -p /out/state
 
 FROM gcr.io/distroless/static-debian12:nonroot AS agent

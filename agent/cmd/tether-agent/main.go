@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/agent"
-	"github.com/tetherfleet/tether/agent/cli"
+	"github.com/tetherfleet/tether/frames/cli"
 )
 
 var version = "dev"
@@ -32,16 +32,16 @@ outbound wss:// connection. First start: set TETHER_ENROLL_TOKEN; the device key
 kept in TETHER_STATE_DIR (mode 0600); later starts need no token.`
 
 type spec struct {
-	RelayURL          string        `envconfig:"RELAY_URL" required:"true" desc:"wss://relay.example.com (comma-separated: failover candidates)"`
-	EnrollToken       string        `envconfig:"ENROLL_TOKEN" desc:"enrollment token (tth_...), used once on first start"`
-	EnrollTokenFile   string        `envconfig:"ENROLL_TOKEN_FILE" desc:"file holding the enrollment token"`
-	StateDir          string        `envconfig:"STATE_DIR" desc:"device key and enrollment record; empty: /var/lib/tether-agent as root, else ~/.local/state/tether-agent"`
-	DeviceName        string        `envconfig:"DEVICE_NAME" desc:"requested device name; empty: the hostname (suffixed on a clash)"`
-	Services          string        `envconfig:"SERVICES" required:"true" desc:"web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22"`
-	RelayCA           string        `envconfig:"RELAY_CA" desc:"PEM file of the CA to trust for the relay (self-hosted/dev); empty: system roots"`
-	HeartbeatInterval time.Duration `envconfig:"HEARTBEAT_INTERVAL" default:"15s" desc:"heartbeat period; the relay is declared dead after 3 silent intervals"`
-	LogFormat         string        `envconfig:"LOG_FORMAT" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
-	LogLevel          string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	RelayURL          string        `split_words:"true" required:"true" desc:"wss://relay.example.com (comma-separated: failover candidates)"`
+	EnrollToken       string        `split_words:"true" desc:"enrollment token (tth_...), used once on first start"`
+	EnrollTokenFile   string        `split_words:"true" desc:"file holding the enrollment token"`
+	StateDir          string        `split_words:"true" desc:"device key and enrollment record; empty: /var/lib/tether-agent as root, else ~/.local/state/tether-agent"`
+	DeviceName        string        `split_words:"true" desc:"requested device name; empty: the hostname (suffixed on a clash)"`
+	Services          string        `split_words:"true" required:"true" desc:"web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22"`
+	RelayCA           string        `split_words:"true" desc:"PEM file of the CA to trust for the relay (self-hosted/dev); empty: system roots"`
+	HeartbeatInterval time.Duration `split_words:"true" default:"15s" desc:"heartbeat period; the relay is declared dead after 3 silent intervals"`
+	LogFormat         string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel          string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
 
 // Exit statuses.
@@ -72,13 +72,15 @@ func main() {
 
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	var s spec
-	if err := cli.Parse("tether-agent", version, about, &s, args, true, stdout); err != nil {
+	unknown, err := cli.Parse("tether-agent", version, about, &s, args, stdout)
+	if err != nil {
 		return err
 	}
 	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
 	if err != nil {
 		return err
 	}
+	cli.WarnUnknown(log, unknown)
 	services, err := agent.ParseServices(s.Services)
 	if err != nil {
 		return fmt.Errorf("TETHER_SERVICES: %w", err)

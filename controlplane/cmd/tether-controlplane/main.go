@@ -19,10 +19,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/tetherfleet/tether/agent/cli"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/daemon"
 	"github.com/tetherfleet/tether/controlplane/ops"
+	"github.com/tetherfleet/tether/frames/cli"
 )
 
 var version = "dev"
@@ -32,15 +32,15 @@ served to relays over NATS and to operators (tetherctl) over the admin API.`
 
 type spec struct {
 	NATSURL        string `envconfig:"NATS_URL" required:"true" desc:"NATS server the relays use"`
-	DataDir        string `envconfig:"DATA_DIR" default:"./tether-data" desc:"controlplane.db and generated secrets"`
-	Domain         string `envconfig:"DOMAIN" default:"localhost" desc:"base domain, shown in lease listings"`
-	TCPPorts       string `envconfig:"TCP_PORTS" default:"20000-29999" desc:"port range for TCP leases"`
-	AdminAddr      string `envconfig:"ADMIN_ADDR" default:"127.0.0.1:7070" desc:"admin API listener"`
-	AdminToken     string `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
-	AdminTokenFile string `envconfig:"ADMIN_TOKEN_FILE" desc:"file holding the admin token"`
-	OpsAddr        string `envconfig:"OPS_ADDR" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
-	LogFormat      string `envconfig:"LOG_FORMAT" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
-	LogLevel       string `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	DataDir        string `split_words:"true" default:"./tether-data" desc:"controlplane.db and generated secrets"`
+	Domain         string `split_words:"true" default:"localhost" desc:"base domain, shown in lease listings"`
+	TCPPorts       string `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
+	AdminAddr      string `split_words:"true" default:"127.0.0.1:7070" desc:"admin API listener"`
+	AdminToken     string `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
+	AdminTokenFile string `split_words:"true" desc:"file holding the admin token"`
+	OpsAddr        string `split_words:"true" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	LogFormat      string `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel       string `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
 
 func main() {
@@ -54,13 +54,15 @@ func main() {
 
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	var s spec
-	if err := cli.Parse("tether-controlplane", version, about, &s, args, true, stdout); err != nil {
+	unknown, err := cli.Parse("tether-controlplane", version, about, &s, args, stdout)
+	if err != nil {
 		return err
 	}
 	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
 	if err != nil {
 		return err
 	}
+	cli.WarnUnknown(log, unknown)
 	ports, err := controlplane.ParsePortRange(s.TCPPorts)
 	if err != nil {
 		return err

@@ -17,9 +17,9 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/tetherfleet/tether/agent/cli"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/httpapi"
+	"github.com/tetherfleet/tether/frames/cli"
 )
 
 var version = "dev"
@@ -33,10 +33,10 @@ Commands:
   revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect`
 
 type spec struct {
-	AdminURL       string `envconfig:"ADMIN_URL" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
-	AdminToken     string `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: read ADMIN_TOKEN_FILE"`
-	AdminTokenFile string `envconfig:"ADMIN_TOKEN_FILE" desc:"file holding the admin token; empty: <data dir>/admin-token"`
-	DataDir        string `envconfig:"DATA_DIR" default:"./tether-data" desc:"data dir of a local standalone relay, where it writes admin-token"`
+	AdminURL       string `split_words:"true" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
+	AdminToken     string `split_words:"true" desc:"admin bearer token; empty: read ADMIN_TOKEN_FILE"`
+	AdminTokenFile string `split_words:"true" desc:"file holding the admin token; empty: <data dir>/admin-token"`
+	DataDir        string `split_words:"true" default:"./tether-data" desc:"data dir of a local standalone relay, where it writes admin-token"`
 }
 
 func main() {
@@ -53,16 +53,23 @@ func main() {
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var s spec
-	if len(args) == 0 || slices.Contains([]string{"-h", "--help", "-help", "help"}, args[0]) {
-		cli.Usage(stdout, "tetherctl COMMAND", about, &s)
-		return cli.ErrHelp
+	if len(args) > 0 && args[0] == "help" {
+		args[0] = "--help"
 	}
-	if args[0] == "--version" || args[0] == "version" {
+	args, unknown, err := cli.ParseCommand("tetherctl", version, about, &s, args, stdout)
+	if err != nil {
+		return err
+	}
+	if len(args) == 0 {
+		cli.Usage(stderr, "tetherctl [flags] COMMAND", about, &s)
+		return errors.New("no command")
+	}
+	if args[0] == "version" {
 		fmt.Fprintln(stdout, cli.Version("tetherctl", version))
 		return nil
 	}
-	if err := cli.Process(&s); err != nil {
-		return err
+	for _, u := range unknown {
+		fmt.Fprintln(stderr, "tetherctl: warning:", u)
 	}
 	if s.AdminTokenFile == "" {
 		s.AdminTokenFile = filepath.Join(s.DataDir, "admin-token")

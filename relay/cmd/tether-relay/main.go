@@ -21,12 +21,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/tetherfleet/tether/agent/cli"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/daemon"
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/natsembed"
 	"github.com/tetherfleet/tether/controlplane/ops"
+	"github.com/tetherfleet/tether/frames/cli"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/devca"
 )
@@ -38,24 +38,24 @@ public users reach device services at https://SERVICE-DEVICE.<domain> and on lea
 Standalone (embedded NATS and control plane) unless TETHER_NATS_URL is set.`
 
 type spec struct {
-	Domain         string        `envconfig:"DOMAIN" default:"localhost" desc:"base domain for service hostnames (SERVICE-DEVICE.<domain>)"`
-	HTTPAddr       string        `envconfig:"HTTP_ADDR" default:":8080" desc:"public plain-HTTP listener"`
-	HTTPSAddr      string        `envconfig:"HTTPS_ADDR" default:":8443" desc:"public HTTPS and agent wss listener"`
-	TLSCert        string        `envconfig:"TLS_CERT" desc:"certificate file (PEM); empty: a dev CA in the data dir signs one"`
-	TLSKey         string        `envconfig:"TLS_KEY" desc:"key file of TLS_CERT"`
-	TCPPorts       string        `envconfig:"TCP_PORTS" default:"20000-29999" desc:"port range for TCP leases"`
-	TCPHost        string        `envconfig:"TCP_HOST" desc:"address TCP lease listeners bind; empty: all interfaces"`
-	DataDir        string        `envconfig:"DATA_DIR" default:"./tether-data" desc:"bbolt files, dev CA, generated secrets"`
+	Domain         string        `split_words:"true" default:"localhost" desc:"base domain for service hostnames (SERVICE-DEVICE.<domain>)"`
+	HTTPAddr       string        `split_words:"true" default:":8080" desc:"public plain-HTTP listener"`
+	HTTPSAddr      string        `split_words:"true" default:":8443" desc:"public HTTPS and agent wss listener"`
+	TLSCert        string        `split_words:"true" desc:"certificate file (PEM); empty: a dev CA in the data dir signs one"`
+	TLSKey         string        `split_words:"true" desc:"key file of TLS_CERT"`
+	TCPPorts       string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
+	TCPHost        string        `split_words:"true" desc:"address TCP lease listeners bind; empty: all interfaces"`
+	DataDir        string        `split_words:"true" default:"./tether-data" desc:"bbolt files, dev CA, generated secrets"`
 	NATSURL        string        `envconfig:"NATS_URL" desc:"external NATS (cluster mode); empty: embedded NATS and control plane"`
-	RelayID        string        `envconfig:"RELAY_ID" desc:"this relay's name in the cluster; empty: the hostname"`
-	ClusterAddr    string        `envconfig:"CLUSTER_ADDR" default:"127.0.0.1:7444" desc:"relay-to-relay listener (reserved: cross-relay forwarding is not in this release)"`
-	AdminAddr      string        `envconfig:"ADMIN_ADDR" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
-	AdminToken     string        `envconfig:"ADMIN_TOKEN" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
-	AdminTokenFile string        `envconfig:"ADMIN_TOKEN_FILE" desc:"file holding the admin token"`
-	OpsAddr        string        `envconfig:"OPS_ADDR" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
-	DrainWindow    time.Duration `envconfig:"DRAIN_WINDOW" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
-	LogFormat      string        `envconfig:"LOG_FORMAT" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
-	LogLevel       string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	RelayID        string        `split_words:"true" desc:"this relay's name in the cluster; empty: the hostname"`
+	ClusterAddr    string        `split_words:"true" default:"127.0.0.1:7444" desc:"relay-to-relay listener (reserved: cross-relay forwarding is not in this release)"`
+	AdminAddr      string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
+	AdminToken     string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
+	AdminTokenFile string        `split_words:"true" desc:"file holding the admin token"`
+	OpsAddr        string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	DrainWindow    time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
+	LogFormat      string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel       string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
 
 func main() {
@@ -72,13 +72,15 @@ func main() {
 
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	var s spec
-	if err := cli.Parse("tether-relay", version, about, &s, args, true, stdout); err != nil {
+	unknown, err := cli.Parse("tether-relay", version, about, &s, args, stdout)
+	if err != nil {
 		return err
 	}
 	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
 	if err != nil {
 		return err
 	}
+	cli.WarnUnknown(log, unknown)
 	ports, err := controlplane.ParsePortRange(s.TCPPorts)
 	if err != nil {
 		return err
