@@ -1,16 +1,10 @@
 package relay
 
 import (
-	"context"
-	"errors"
-	"net"
 	"slices"
-	"strconv"
 	"sync"
-	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
-	"github.com/tetherfleet/tether/frames"
 )
 
 // route names a service of a device.
@@ -18,15 +12,17 @@ type route struct {
 	deviceID, service string
 }
 
-// registry maps devices to their newest live session, and public names
-// (HTTP hostname labels, TCP ports) to routes.
+// registry is the relay's routing table: device → newest live session,
+// hostname label → route, TCP port → route.
+//
+// It opens and closes nothing. Its methods say what changed (the session
+// that lost, the ports whose routes moved) and the caller acts on it after
+// the lock is released: failing a session and binding a listener are I/O.
 type registry struct {
-	srv *Server
-
 	mu       sync.Mutex
-	sessions map[string]*session // device ID → newest session
-	hosts    map[string]route    // hostname label → route, for online devices
-	ports    map[uint16]*portListener
+	sessions map[string]*session    // device ID → newest session
+	hosts    map[string]route       // hostname label → route, for online devices
+	ports    map[uint16]route       // TCP port → route, for online devices
 	names    map[string]deviceNames // device ID → its hosts and ports, so dropping them is O(names)
 	changed  chan struct{}          // closed and replaced whenever a session leaves
 }
@@ -37,106 +33,98 @@ type deviceNames struct {
 	ports []uint16
 }
 
-func newRegistry(s *Server) *registry {
-	return &registry{srv: s, sessions: map[string]*session{}, hosts: map[string]route{},
-		ports: map[uint16]*portListener{}, names: map[string]deviceNames{}, changed: make(chan struct{})}
+func newRegistry() *registry {
+	return &registry{sessions: map[string]*session{}, hosts: map[string]route{},
+		ports: map[uint16]route{}, names: map[string]deviceNames{}, changed: make(chan struct{})}
 }
 
-// add makes sess the device's session: the newest generation wins and the
-// older session is closed at once.
-func (r *registry) add(sess *session) {
+// add makes sess the device's session and routes its leases, unless a
+// newer generation is live: the newest wins. It returns the session that
+// lost (nil if none; sess itself if it is the older one), for the caller
+// to fail, and the ports whose routes changed.
+func (r *registry) add(sess *session) (loser *session, ports []uint16) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if old := r.sessions[sess.deviceID]; old != nil {
-		if old.gen > sess.gen {
-			sess.fail(frames.CodeSuperseded, "a newer session of this device is live")
-			return
-		}
-		old.fail(frames.CodeSuperseded, "superseded by a newer session of this device")
+	old := r.sessions[sess.deviceID]
+	if old != nil && old.gen > sess.gen {
+		return sess, nil
 	}
 	r.sessions[sess.deviceID] = sess
-	r.applyLocked(sess, sess.leases)
+	return old, r.routeLocked(sess.deviceID, sess.leases)
 }
 
-// update applies a live session's new leases.
-func (r *registry) update(sess *session, leases []controlplane.Lease) {
+// update routes a live session's new leases and returns the ports whose
+// routes changed. A session that is no longer the device's changes nothing.
+func (r *registry) update(sess *session, leases []controlplane.Lease) []uint16 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.sessions[sess.deviceID] == sess {
-		r.applyLocked(sess, leases)
+	if r.sessions[sess.deviceID] != sess {
+		return nil
 	}
+	return r.routeLocked(sess.deviceID, leases)
 }
 
-func (r *registry) applyLocked(sess *session, leases []controlplane.Lease) {
-	old := r.names[sess.deviceID]
+// remove forgets sess, unless a newer session replaced it, and returns the
+// ports it no longer routes.
+func (r *registry) remove(sess *session) []uint16 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sessions[sess.deviceID] != sess {
+		return nil
+	}
+	delete(r.sessions, sess.deviceID)
+	ports := r.routeLocked(sess.deviceID, nil)
+	delete(r.names, sess.deviceID)
+	close(r.changed)
+	r.changed = make(chan struct{})
+	return ports
+}
+
+// routeLocked makes the device's names exactly those of leases and returns
+// the ports it gained or lost.
+func (r *registry) routeLocked(deviceID string, leases []controlplane.Lease) (changed []uint16) {
+	old := r.names[deviceID]
 	var names deviceNames
 	for _, l := range leases {
-		rt := route{deviceID: sess.deviceID, service: l.Service}
+		rt := route{deviceID: deviceID, service: l.Service}
 		if l.Hostname != "" {
 			r.hosts[l.Hostname] = rt
 			names.hosts = append(names.hosts, l.Hostname)
 		}
 		if l.Port != 0 {
-			r.listenLocked(l.Port, rt) // keeps a listener the device already had
+			if r.ports[l.Port].deviceID != deviceID {
+				changed = append(changed, l.Port)
+			}
+			r.ports[l.Port] = rt
 			names.ports = append(names.ports, l.Port)
 		}
 	}
-	// Drop the names the device no longer holds.
+	// Drop the names the device no longer holds, unless another device
+	// holds them now.
 	for _, h := range old.hosts {
-		if !slices.Contains(names.hosts, h) && r.hosts[h].deviceID == sess.deviceID {
+		if !slices.Contains(names.hosts, h) && r.hosts[h].deviceID == deviceID {
 			delete(r.hosts, h)
 		}
 	}
 	for _, p := range old.ports {
-		if !slices.Contains(names.ports, p) {
-			r.closePortLocked(p, sess.deviceID)
+		if !slices.Contains(names.ports, p) && r.ports[p].deviceID == deviceID {
+			delete(r.ports, p)
+			changed = append(changed, p)
 		}
 	}
-	r.names[sess.deviceID] = names
+	r.names[deviceID] = names
+	return changed
 }
 
-// dropNamesLocked removes a device's names.
-func (r *registry) dropNamesLocked(deviceID string) {
-	names := r.names[deviceID]
-	for _, h := range names.hosts {
-		if r.hosts[h].deviceID == deviceID {
-			delete(r.hosts, h)
-		}
-	}
-	for _, p := range names.ports {
-		r.closePortLocked(p, deviceID)
-	}
-	delete(r.names, deviceID)
-}
-
-func (r *registry) closePortLocked(p uint16, deviceID string) {
-	if pl, ok := r.ports[p]; ok && pl.route.deviceID == deviceID {
-		pl.close()
-		delete(r.ports, p)
-	}
-}
-
-// remove forgets sess unless a newer session replaced it.
-func (r *registry) remove(sess *session) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.sessions[sess.deviceID] != sess {
-		return
-	}
-	delete(r.sessions, sess.deviceID)
-	r.dropNamesLocked(sess.deviceID)
-	close(r.changed)
-	r.changed = make(chan struct{})
-}
-
+// session returns the device's live session, or nil.
 func (r *registry) session(deviceID string) *session {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.sessions[deviceID]
 }
 
-// lookup returns the session and service serving a hostname label.
-func (r *registry) lookup(label string) (*session, string) {
+// lookupHost returns the session and service serving a hostname label.
+func (r *registry) lookupHost(label string) (*session, string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	rt, ok := r.hosts[label]
@@ -144,6 +132,25 @@ func (r *registry) lookup(label string) (*session, string) {
 		return nil, ""
 	}
 	return r.sessions[rt.deviceID], rt.service
+}
+
+// lookupPort returns the session and service serving a TCP port.
+func (r *registry) lookupPort(port uint16) (*session, string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rt, ok := r.ports[port]
+	if !ok {
+		return nil, ""
+	}
+	return r.sessions[rt.deviceID], rt.service
+}
+
+// portRoute returns the route of a TCP port, if a live session holds it.
+func (r *registry) portRoute(port uint16) (route, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rt, ok := r.ports[port]
+	return rt, ok
 }
 
 // all returns the live sessions.
@@ -163,64 +170,4 @@ func (r *registry) changes() (int, <-chan struct{}) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.sessions), r.changed
-}
-
-// portListener accepts public TCP connections for one leased port.
-type portListener struct {
-	ln    net.Listener
-	route route
-	once  sync.Once
-}
-
-func (p *portListener) close() { p.once.Do(func() { p.ln.Close() }) }
-
-// listenLocked starts the listener of a TCP lease. A port that cannot be
-// bound is logged and counted; the lease stays valid on other relays.
-func (r *registry) listenLocked(port uint16, rt route) {
-	if pl, ok := r.ports[port]; ok {
-		pl.route = rt
-		return
-	}
-	s := r.srv
-	addr := net.JoinHostPort(s.cfg.TCPHost, strconv.Itoa(int(port)))
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		s.metrics.tcpListenErrors.Inc()
-		s.log.Error("cannot listen for TCP lease", "addr", addr, "device_id", rt.deviceID, "service", rt.service, "err", err)
-		return
-	}
-	pl := &portListener{ln: ln, route: rt}
-	r.ports[port] = pl
-	stop := context.AfterFunc(s.ctx, pl.close)
-	s.wg.Go(func() {
-		s.acceptTCP(pl)
-		stop()
-	})
-}
-
-// portRoute returns the session and service a port listener serves now.
-func (r *registry) portRoute(pl *portListener) (*session, string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.sessions[pl.route.deviceID], pl.route.service
-}
-
-// acceptTCP serves one TCP lease until its listener closes, backing off on
-// temporary errors.
-func (s *Server) acceptTCP(pl *portListener) {
-	var delay time.Duration
-	for {
-		c, err := pl.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			delay = min(max(2*delay, 10*time.Millisecond), time.Second)
-			s.log.Warn("accept TCP", "addr", pl.ln.Addr(), "err", err, "retry_in", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
-		s.wg.Go(func() { s.serveTCP(c, pl) })
-	}
 }

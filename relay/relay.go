@@ -4,12 +4,24 @@
 //
 // # Shape
 //
-// A Server holds a registry of live agent sessions (newest generation per
-// device wins), the HTTP reverse proxy whose transport opens smux streams,
-// and one listener per TCP lease it serves. The control plane is reached
-// only through the ControlPlane interface (NATS in production). Shutdown
-// drains: agents are told to move, spread over a window, before their
-// sessions close.
+// Each file has one job:
+//
+//   - relay.go: the Server, its configuration and lifecycle (start, drain,
+//     shutdown), and the one handler that tells agents from the public.
+//   - session.go: one agent session: handshake, control loop, and the
+//     control stream's single writer fed by a bounded queue.
+//   - stream.go: data streams to a device and the agent's answer to each.
+//   - registry.go: the routing table (device → newest session, hostname
+//     label → route, port → route); it opens and closes nothing.
+//   - http.go: the public HTTP route, Host → label → route → the session's
+//     reverse proxy for that service, and the error pages.
+//   - tcp.go: one listener per routed TCP lease, bound and closed outside
+//     the table's lock, and the splice of each public connection.
+//   - enroll.go: enrollment; metrics.go: the Prometheus collectors.
+//
+// The control plane is reached only through the ControlPlane interface
+// (NATS in production). Shutdown drains: agents are told to move, spread
+// over a window, before their sessions close.
 package relay
 
 import (
@@ -18,7 +30,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -52,8 +63,8 @@ type Config struct {
 	// MaxStreamsPerSession caps concurrent public connections to one
 	// device. Zero means 1024.
 	MaxStreamsPerSession int
-	// MaxIdleStreams is how many idle HTTP streams are kept per device for
-	// reuse. Zero means 256.
+	// MaxIdleStreams is how many idle HTTP streams are kept for reuse per
+	// service of a device. Zero means 256.
 	MaxIdleStreams int
 	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
 	HandshakeTimeout time.Duration
@@ -75,11 +86,11 @@ type Server struct {
 	cp      ControlPlane
 	metrics *metrics
 	reg     *registry
-	proxy   http.Handler
+	tcp     *tcpListeners
 
-	ctx    context.Context // ends at Shutdown's end; bounds sessions and listeners
+	ctx    context.Context // ends at Shutdown's end; bounds sessions
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // sessions and TCP accept loops
+	wg     sync.WaitGroup // session handlers (see track)
 
 	mu       sync.Mutex
 	draining bool
@@ -107,8 +118,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, metrics: newMetrics(cfg.Registerer)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	s.reg = newRegistry(s)
-	s.proxy = s.newProxy()
+	s.reg = newRegistry()
+	s.tcp = newTCPListeners(cfg.TCPHost, s.reg, s.metrics, log)
 	return s, nil
 }
 
@@ -147,10 +158,12 @@ func (s *Server) Handler() http.Handler { return s.handler("https", true) }
 // PublicHTTPHandler serves the plain-HTTP listener: public HTTP only.
 func (s *Server) PublicHTTPHandler() http.Handler { return s.handler("http", false) }
 
+// handler serves agents on their two paths (unless the Host is shaped
+// like a service's: there those paths are the service's own) and
+// everything else as public HTTP.
 func (s *Server) handler(scheme string, agents bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		label, under := s.label(r.Host)
-		if agents && !under {
+		if _, leaseName := s.label(r.Host); agents && !leaseName {
 			switch r.URL.Path {
 			case frames.ConnectPath:
 				s.serveAgent(w, r)
@@ -160,22 +173,8 @@ func (s *Server) handler(scheme string, agents bool) http.Handler {
 				return
 			}
 		}
-		s.servePublic(w, r, scheme, label, under)
+		s.servePublic(w, r, scheme)
 	})
-}
-
-// label returns the first label of host when host is a direct subdomain
-// of the relay's domain.
-func (s *Server) label(host string) (string, bool) {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
-	host = strings.ToLower(strings.TrimSuffix(host, "."))
-	label, ok := strings.CutSuffix(host, "."+s.cfg.Domain)
-	if !ok || label == "" || strings.Contains(label, ".") {
-		return "", false
-	}
-	return label, true
 }
 
 // Hostname returns the public hostname of a lease label.
@@ -185,6 +184,18 @@ func (s *Server) isDraining() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.draining
+}
+
+// track counts a session handler in s.wg, unless the relay is draining:
+// checked under the same lock, so no handler is added once Shutdown waits.
+func (s *Server) track() (done func(), ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return nil, false
+	}
+	s.wg.Add(1)
+	return s.wg.Done, true
 }
 
 // Shutdown drains the relay: it refuses new agent sessions, tells every
@@ -202,16 +213,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		sessions := s.reg.all()
 		s.log.Info("draining relay", "sessions", len(sessions), "window", s.cfg.DrainWindow)
 		window, cancel := context.WithTimeout(ctx, s.cfg.DrainWindow)
-		for i, sess := range sessions {
-			at := time.Duration(int64(s.cfg.DrainWindow) * int64(i) / int64(len(sessions)))
-			sess.drainAfter(window, at, s.cfg.DrainWindow-at)
-		}
+		var notices sync.WaitGroup
+		notices.Go(func() { s.sendDrainNotices(window, sessions) })
 		s.waitForMoves(window)
-		cancel()
+		cancel() // ends the notices too, if every agent left before its turn
+		notices.Wait()
 	}
-	s.cancel() // closes every session and TCP listener
+	s.cancel() // closes every session
 	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
+	// The one goroutine here that nothing waits for: it lets ctx bound the
+	// wait, and ends when the sessions and TCP connections do.
+	go func() {
+		s.tcp.close()
+		s.wg.Wait()
+		close(done)
+	}()
 	select {
 	case <-done:
 	case <-ctx.Done():
@@ -222,6 +238,35 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("relay shutdown: report sessions ended: %w", err)
 	}
 	return nil
+}
+
+// sendDrainNotices asks each agent to move, the notices spread evenly over
+// the drain window (so the agents do not all reconnect at once), each
+// giving the rest of the window. It returns when all are sent or ctx ends.
+func (s *Server) sendDrainNotices(ctx context.Context, sessions []*session) {
+	start := time.Now()
+	for i, sess := range sessions {
+		at := time.Duration(int64(s.cfg.DrainWindow) * int64(i) / int64(len(sessions)))
+		if !sleep(ctx.Done(), time.Until(start.Add(at))) {
+			return
+		}
+		within := s.cfg.DrainWindow - at
+		sess.log.Info("asking agent to move", "within", within)
+		sess.send(&frames.Drain{Reason: "relay is shutting down", WithinMillis: uint32(within / time.Millisecond)})
+	}
+}
+
+// sleep waits for d and reports true, or reports false as soon as done is
+// closed: a wait that shutdown interrupts.
+func sleep(done <-chan struct{}, d time.Duration) bool {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-done:
+		return false
+	}
 }
 
 // waitForMoves returns when every agent has left or ctx ends.
@@ -245,6 +290,7 @@ func (s *Server) Close() error {
 	s.draining = true
 	s.mu.Unlock()
 	s.cancel()
+	s.tcp.close()
 	s.wg.Wait()
 	return nil
 }

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -21,7 +20,17 @@ import (
 // writeTimeout bounds every frame the relay writes to an agent.
 const writeTimeout = 10 * time.Second
 
+// controlQueueLen bounds the control frames waiting for a session's
+// writer. A healthy agent reads them at once: a heartbeat ack per
+// heartbeat, now and then new leases, one drain notice, one error.
+const controlQueueLen = 16
+
 // session is one agent's live connection.
+//
+// Its control stream has one writer, sendLoop, fed by a bounded queue
+// (send, fail): whoever has something to tell the agent (the control loop,
+// a newer session, a revocation, a draining relay) queues it and never
+// blocks. The control loop is the one reader.
 type session struct {
 	srv    *Server
 	log    *slog.Logger
@@ -34,57 +43,75 @@ type session struct {
 	heartbeat      time.Duration
 	leases         []controlplane.Lease // as first registered
 
-	wmu     sync.Mutex // serialises control-stream writes
-	streams chan struct{}
-	http    *http.Transport // pool of HTTP streams to this device
+	out     chan outFrame  // control frames for sendLoop
+	writer  sync.WaitGroup // sendLoop
+	streams chan struct{}  // one token per open data stream
+
+	pmu     sync.Mutex
+	proxies map[string]*serviceProxy // service → its HTTP proxy, built on first use
 
 	closeOnce sync.Once
 	closed    chan struct{}
+}
+
+// outFrame is a control frame queued for the writer.
+type outFrame struct {
+	m    frames.Message
+	last bool // the writer closes the session once m is written
 }
 
 // serveAgent runs one agent session for as long as it lives. The session's
 // WebSocket is bound to r's context, so this handler returns only when the
 // session is over.
 func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
-	if s.isDraining() {
+	done, ok := s.track()
+	if !ok {
 		http.Error(w, "tether: relay is draining; connect to another relay", http.StatusServiceUnavailable)
 		return
 	}
+	defer done()
 	mux, err := wsserver.Accept(w, r, s.cfg.Mux)
 	if err != nil {
 		s.metrics.handshakes.WithLabelValues("protocol").Inc()
 		s.log.Info("agent upgrade refused", "remote", r.RemoteAddr, "err", err)
 		return
 	}
-	s.wg.Add(1)
-	defer s.wg.Done()
+	s.runSession(r.Context(), mux, r.RemoteAddr)
+}
+
+// runSession serves one agent's smux session until it ends: handshake,
+// routing, control loop, goodbye. ctx bounds the handshake's requests to
+// the control plane; the relay's own shutdown closes the session.
+func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote string) {
 	sess := &session{
-		srv: s, mux: mux, remote: r.RemoteAddr,
+		srv: s, mux: mux, remote: remote, log: s.log.With("remote", remote),
+		out:     make(chan outFrame, controlQueueLen),
 		streams: make(chan struct{}, s.cfg.MaxStreamsPerSession),
+		proxies: map[string]*serviceProxy{},
 		closed:  make(chan struct{}),
 	}
-	sess.log = s.log.With("remote", r.RemoteAddr)
-	stop := context.AfterFunc(s.ctx, func() { sess.close() })
+	stop := context.AfterFunc(s.ctx, sess.close)
 	defer stop()
-	defer sess.close()
 
-	leases, err := sess.handshake(r.Context())
+	leases, err := sess.handshake(ctx)
 	if err != nil {
 		s.metrics.handshakes.WithLabelValues(handshakeResult(err)).Inc()
 		sess.log.Info("agent handshake failed", "err", err)
+		sess.end(err)
 		return
 	}
 	s.metrics.handshakes.WithLabelValues("ok").Inc()
 	s.metrics.sessions.Inc()
-	defer s.metrics.sessions.Dec()
 	// Routable before the agent learns its names: a request made the moment
 	// it does must find the session.
-	s.reg.add(sess)
-	if err = sess.write(leases); err == nil {
+	if err = s.admit(sess); err == nil {
+		sess.send(leases)
 		sess.log.Info("agent connected", "generation", sess.gen, "services", len(sess.leases))
 		err = sess.controlLoop()
 	}
-	s.reg.remove(sess)
+	s.forget(sess)
+	sess.end(err)
+	s.metrics.sessions.Dec()
 	// A relay that shuts down reports all its sessions ended at once
 	// (ResetRelay in Shutdown) instead of one request per session.
 	if !s.isDraining() {
@@ -97,19 +124,38 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	sess.log.Info("agent disconnected", "generation", sess.gen, "reason", err)
 }
 
-// handshakeError carries the code sent to the agent.
-type handshakeError struct {
-	code frames.ErrorCode
-	err  error
+// admit puts sess in the routing table, fails the session it supersedes
+// (or sess itself, if a newer one is live) and binds its TCP ports.
+func (s *Server) admit(sess *session) error {
+	loser, ports := s.reg.add(sess)
+	if loser == sess {
+		return refuse(frames.CodeSuperseded, "a newer session of this device is live")
+	}
+	if loser != nil {
+		loser.fail(frames.CodeSuperseded, "superseded by a newer session of this device")
+	}
+	s.tcp.sync(ports)
+	return nil
 }
 
-func (e *handshakeError) Error() string { return e.err.Error() }
-func (e *handshakeError) Unwrap() error { return e.err }
+// forget takes sess out of the routing table, unless a newer session
+// replaced it, and unbinds its TCP ports.
+func (s *Server) forget(sess *session) {
+	s.tcp.sync(s.reg.remove(sess))
+}
+
+// sessionError ends a session with a code the agent is told.
+type sessionError struct {
+	code frames.ErrorCode
+	msg  string
+}
+
+func (e *sessionError) Error() string { return e.msg }
 
 func handshakeResult(err error) string {
-	var he *handshakeError
-	if errors.As(err, &he) {
-		return he.code.String()
+	var se *sessionError
+	if errors.As(err, &se) {
+		return se.code.String()
 	}
 	return "io"
 }
@@ -123,23 +169,23 @@ var kindCodes = map[controlplane.Kind]frames.ErrorCode{
 	controlplane.KindInvalid:      frames.CodeBadRequest,
 }
 
-// refuse sends an error frame to the agent and returns it as an error.
-func (sess *session) refuse(code frames.ErrorCode, msg string) error {
-	sess.write(&frames.Error{Code: code, Message: msg})
-	return &handshakeError{code: code, err: errors.New(msg)}
+// refuse returns the error that ends a session with code; end sends it.
+func refuse(code frames.ErrorCode, msg string) error {
+	return &sessionError{code: code, msg: msg}
 }
 
 func (sess *session) refuseCP(err error) error {
 	code, ok := kindCodes[controlplane.KindOf(err)]
 	if !ok {
 		sess.log.Error("control plane failed during handshake", "err", err)
-		return sess.refuse(frames.CodeInternal, "relay error; try again later")
+		return refuse(frames.CodeInternal, "relay error; try again later")
 	}
-	return sess.refuse(code, err.Error())
+	return refuse(code, err.Error())
 }
 
-// handshake authenticates the agent and registers its services; the
-// caller sends the returned leases once the session is routable.
+// handshake accepts the control stream, starts its writer, authenticates
+// the agent and registers its services; the caller sends the returned
+// leases once the session is routable.
 func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	s := sess.srv
 	deadline := time.Now().Add(s.cfg.HandshakeTimeout)
@@ -150,26 +196,25 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	}
 	sess.mux.SetDeadline(time.Time{})
 	sess.ctrl = ctrl
-	ctrl.SetDeadline(deadline)
+	sess.writer.Go(sess.sendLoop)
+	ctrl.SetReadDeadline(deadline)
 	hello, err := frames.ReadAs[*frames.Hello](ctrl, 0)
 	if err != nil {
-		return nil, sess.refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
+		return nil, refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
 	}
 	sess.heartbeat = time.Duration(hello.HeartbeatMillis) * time.Millisecond
 	if sess.heartbeat < time.Second || sess.heartbeat > 10*time.Minute {
-		return nil, sess.refuse(frames.CodeBadRequest, fmt.Sprintf("heartbeat interval %v is outside 1s..10m", sess.heartbeat))
+		return nil, refuse(frames.CodeBadRequest, fmt.Sprintf("heartbeat interval %v is outside 1s..10m", sess.heartbeat))
 	}
 	ch := &frames.Challenge{RelayID: s.cfg.RelayID}
 	rand.Read(ch.Nonce[:])
-	if err := sess.write(ch); err != nil {
-		return nil, err
-	}
+	sess.send(ch)
 	auth, err := frames.ReadAs[*frames.Auth](ctrl, 0)
 	if err != nil {
-		return nil, sess.refuse(frames.CodeBadRequest, "expected auth: "+err.Error())
+		return nil, refuse(frames.CodeBadRequest, "expected auth: "+err.Error())
 	}
 	if !frames.VerifyAuth(hello.PublicKey, ch.Nonce, s.cfg.RelayID, auth.Signature) {
-		return nil, sess.refuse(frames.CodeUnauthorized, "bad signature for device key "+frames.DeviceID(hello.PublicKey[:]))
+		return nil, refuse(frames.CodeUnauthorized, "bad signature for device key "+frames.DeviceID(hello.PublicKey[:]))
 	}
 	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID, AgentVersion: hello.AgentVersion})
 	if err != nil {
@@ -177,20 +222,17 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	}
 	sess.deviceID, sess.name, sess.gen = cr.DeviceID, cr.Name, cr.Generation
 	sess.log = sess.log.With("device", cr.Name, "device_id", cr.DeviceID)
-	if err := sess.write(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation}); err != nil {
-		return nil, err
-	}
+	sess.send(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation})
 	reg, err := frames.ReadAs[*frames.Register](ctrl, 0)
 	if err != nil {
-		return nil, sess.refuse(frames.CodeBadRequest, "expected register: "+err.Error())
+		return nil, refuse(frames.CodeBadRequest, "expected register: "+err.Error())
 	}
-	sess.http = s.newStreamTransport(sess)
 	out, leases, err := sess.register(ctx, reg)
 	if err != nil {
 		return nil, err
 	}
 	sess.leases = leases
-	ctrl.SetDeadline(time.Time{})
+	ctrl.SetReadDeadline(time.Time{})
 	return out, nil
 }
 
@@ -217,182 +259,146 @@ func (sess *session) register(ctx context.Context, reg *frames.Register) (*frame
 	return out, leases, nil
 }
 
-// write sends one control frame under a write deadline.
-func (sess *session) write(m frames.Message) error {
-	sess.wmu.Lock()
-	defer sess.wmu.Unlock()
-	if sess.ctrl == nil {
-		return errors.New("no control stream")
-	}
-	return frames.WriteTimeout(sess.ctrl, m, writeTimeout)
-}
-
 // controlLoop serves the control stream until the session ends: it answers
 // heartbeats and re-registrations and declares the agent dead after three
-// silent heartbeat intervals.
+// silent heartbeat intervals. An error with a code is for end to send.
 func (sess *session) controlLoop() error {
+	m := sess.srv.metrics
 	for {
 		sess.ctrl.SetReadDeadline(time.Now().Add(3 * sess.heartbeat))
-		m, err := frames.Read(sess.ctrl, 0)
+		msg, err := frames.Read(sess.ctrl, 0)
 		if err != nil {
-			select {
-			case <-sess.closed:
+			if sess.isClosed() {
 				return errors.New("closed by relay")
-			default:
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				sess.srv.metrics.deadSessions.Inc()
+				m.deadSessions.Inc()
 				return fmt.Errorf("no heartbeat for %v", 3*sess.heartbeat)
 			}
 			if errors.Is(err, frames.ErrTooLarge) || errors.Is(err, frames.ErrShort) || errors.Is(err, frames.ErrInvalid) {
-				sess.srv.metrics.protocolErrors.Inc()
-				sess.refuse(frames.CodeBadRequest, err.Error())
+				m.protocolErrors.Inc()
+				return refuse(frames.CodeBadRequest, err.Error())
 			}
-			return err
+			return fmt.Errorf("read control stream: %w", err)
 		}
-		switch m := m.(type) {
+		switch msg := msg.(type) {
 		case *frames.Heartbeat:
-			sess.srv.metrics.heartbeats.Inc()
-			if err := sess.write(&frames.HeartbeatAck{Seq: m.Seq}); err != nil {
-				return fmt.Errorf("answer heartbeat: %w", err)
-			}
+			m.heartbeats.Inc()
+			sess.send(&frames.HeartbeatAck{Seq: msg.Seq})
 		case *frames.Register:
 			ctx, cancel := context.WithTimeout(sess.srv.ctx, 10*time.Second)
-			out, leases, err := sess.register(ctx, m)
+			out, leases, err := sess.register(ctx, msg)
 			cancel()
 			if err != nil {
 				return err
 			}
-			sess.srv.reg.update(sess, leases)
-			if err := sess.write(out); err != nil {
-				return fmt.Errorf("send leases: %w", err)
-			}
+			sess.srv.tcp.sync(sess.srv.reg.update(sess, leases))
+			sess.send(out)
 		case *frames.Error:
-			return fmt.Errorf("agent closed the session: %w", m)
+			return fmt.Errorf("agent closed the session: %w", msg)
 		case *frames.Unknown:
 			// A newer agent's message: skip it.
 		default:
-			sess.srv.metrics.protocolErrors.Inc()
-			return sess.refuse(frames.CodeBadRequest, fmt.Sprintf("unexpected %v frame", m.Type()))
+			m.protocolErrors.Inc()
+			return refuse(frames.CodeBadRequest, fmt.Sprintf("unexpected %v frame", msg.Type()))
 		}
 	}
 }
 
-// fail tells the agent why its session ends, then ends it.
+// send queues a control frame for the writer; it never blocks. A full
+// queue means the agent stopped reading its control stream (it cannot even
+// take a heartbeat ack): the session is dead, so it is closed and counted.
+func (sess *session) send(m frames.Message) { sess.enqueue(outFrame{m: m}) }
+
+// fail tells the agent why its session ends, then ends it: the writer
+// sends the error frame after those already queued and closes the session.
+// It never blocks, so it may be called from anywhere.
 func (sess *session) fail(code frames.ErrorCode, msg string) {
-	go func() {
-		sess.write(&frames.Error{Code: code, Message: msg})
-		sess.close()
-	}()
+	sess.enqueue(outFrame{m: &frames.Error{Code: code, Message: msg}, last: true})
 }
 
-// drainAfter sends a drain notice after delay; the agent has within to move.
-func (sess *session) drainAfter(ctx context.Context, delay, within time.Duration) {
-	t := time.AfterFunc(delay, func() {
-		sess.log.Info("asking agent to move", "within", within)
-		sess.write(&frames.Drain{Reason: "relay is shutting down", WithinMillis: uint32(within / time.Millisecond)})
-	})
-	context.AfterFunc(ctx, func() { t.Stop() })
+func (sess *session) enqueue(f outFrame) {
+	if sess.isClosed() {
+		sess.close() // the connection may have died under us: stop the writer too
+		return
+	}
+	select {
+	case sess.out <- f:
+	default:
+		sess.srv.metrics.controlQueueFull.Inc()
+		sess.log.Warn("control queue full: the agent does not read its control stream; closing the session", "queued", controlQueueLen)
+		sess.close()
+	}
+}
+
+// sendLoop is the control stream's one writer: it writes the queued frames
+// in order, each under writeTimeout, until the session closes or a frame
+// marked last is written. A failed write closes the session.
+func (sess *session) sendLoop() {
+	for {
+		select {
+		case <-sess.closed:
+			return
+		case f := <-sess.out:
+			if err := frames.WriteTimeout(sess.ctrl, f.m, writeTimeout); err != nil {
+				// Not sess.log: the handshake may still be adding to it.
+				sess.srv.log.Debug("write control frame", "remote", sess.remote, "type", f.m.Type(), "err", err)
+				sess.close()
+				return
+			}
+			if f.last {
+				sess.close()
+				return
+			}
+		}
+	}
+}
+
+// end closes the session and waits for its writer. An error with a code
+// is sent to the agent first, behind the frames already queued.
+func (sess *session) end(err error) {
+	var se *sessionError
+	if errors.As(err, &se) && sess.ctrl != nil {
+		sess.fail(se.code, se.msg)
+	} else {
+		sess.close()
+	}
+	sess.writer.Wait()
 }
 
 func (sess *session) close() {
 	sess.closeOnce.Do(func() {
 		close(sess.closed)
 		sess.mux.Close()
-		if sess.http != nil {
-			sess.http.CloseIdleConnections()
+		sess.pmu.Lock()
+		defer sess.pmu.Unlock()
+		for _, p := range sess.proxies {
+			p.transport.CloseIdleConnections()
 		}
 	})
 }
 
-// errTooManyStreams is returned when the session's stream cap is reached.
-var errTooManyStreams = errors.New("too many concurrent connections to this device")
-
-// openStream opens a data stream to a service of the agent and sends its
-// header. The agent's answer is read lazily by the returned conn (so the
-// first bytes can follow without waiting a round trip) or by awaitAnswer.
-func (sess *session) openStream(service, client string) (*streamConn, error) {
+// isClosed reports whether the session has ended, by the relay's hand or
+// the connection's.
+func (sess *session) isClosed() bool {
 	select {
-	case sess.streams <- struct{}{}:
+	case <-sess.closed:
+		return true
 	default:
-		sess.srv.metrics.streamsRefused.WithLabelValues("cap").Inc()
-		return nil, errTooManyStreams
+		return sess.mux.IsClosed()
 	}
-	st, err := sess.mux.OpenStream()
-	if err != nil {
-		<-sess.streams
-		return nil, fmt.Errorf("open stream to %s: %w", sess.name, err)
+}
+
+// proxy returns the reverse proxy to one of the session's services,
+// building it on first use.
+func (sess *session) proxy(service string) *serviceProxy {
+	sess.pmu.Lock()
+	defer sess.pmu.Unlock()
+	p, ok := sess.proxies[service]
+	if !ok {
+		p = sess.srv.newServiceProxy(sess, service)
+		sess.proxies[service] = p
 	}
-	if err := frames.WriteTimeout(st, &frames.StreamOpen{Service: service, ClientAddr: client}, writeTimeout); err != nil {
-		st.Close()
-		<-sess.streams
-		return nil, fmt.Errorf("open stream to %s: %w", sess.name, err)
-	}
-	sess.srv.metrics.streams.Inc()
-	return &streamConn{Stream: st, sess: sess, service: service}, nil
-}
-
-// streamConn is a data stream whose first inbound frame is the agent's
-// accept or refuse answer.
-type streamConn struct {
-	*smux.Stream
-	sess    *session
-	service string
-
-	answerOnce sync.Once
-	answerErr  error
-	closeOnce  sync.Once
-}
-
-// RefusedError is a stream the agent refused.
-type RefusedError struct {
-	Device, Service string
-	Refuse          *frames.StreamRefuse
-}
-
-func (e *RefusedError) Error() string {
-	return fmt.Sprintf("device %s refused a connection to service %s: %s", e.Device, e.Service, e.Refuse)
-}
-
-// awaitAnswer reads the agent's answer once; it is nil when the agent accepted.
-func (c *streamConn) awaitAnswer() error {
-	c.answerOnce.Do(func() {
-		c.Stream.SetReadDeadline(time.Now().Add(30 * time.Second))
-		m, err := frames.Read(c.Stream, 4096)
-		c.Stream.SetReadDeadline(time.Time{})
-		switch m := m.(type) {
-		case *frames.StreamAccept:
-		case *frames.StreamRefuse:
-			c.sess.srv.metrics.streamsRefused.WithLabelValues("agent").Inc()
-			c.answerErr = &RefusedError{Device: c.sess.name, Service: c.service, Refuse: m}
-		default:
-			if err == nil {
-				err = fmt.Errorf("unexpected %v frame", m.Type())
-			}
-			c.answerErr = fmt.Errorf("stream to %s/%s: no answer: %w", c.sess.name, c.service, err)
-		}
-	})
-	return c.answerErr
-}
-
-func (c *streamConn) Read(b []byte) (int, error) {
-	if err := c.awaitAnswer(); err != nil {
-		return 0, err
-	}
-	return c.Stream.Read(b)
-}
-
-// WriteTo keeps io.Copy on the fast path without skipping the answer.
-func (c *streamConn) WriteTo(w io.Writer) (int64, error) {
-	if err := c.awaitAnswer(); err != nil {
-		return 0, err
-	}
-	return c.Stream.WriteTo(w)
-}
-
-func (c *streamConn) Close() error {
-	err := c.Stream.Close()
-	c.closeOnce.Do(func() { <-c.sess.streams })
-	return err
+	return p
 }

@@ -9,37 +9,50 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
-	"github.com/tetherfleet/tether/frames/splice"
 )
 
-type routeKey struct{}
-
-// proxyRoute travels in a proxied request's context.
-type proxyRoute struct {
-	sess    *session
-	service string
-}
-
-// servePublic routes a public HTTP request by its Host.
-func (s *Server) servePublic(w http.ResponseWriter, r *http.Request, scheme, label string, under bool) {
-	if !under {
+// servePublic is the whole route of a public HTTP request through the
+// relay, top to bottom:
+//
+//	Host → hostname label → route (session, service) → that service's proxy
+//
+// and an error page wherever the route ends early. The proxy belongs to
+// the device session and the service, so nothing of the route travels in
+// the request's context or in a made-up URL.
+func (s *Server) servePublic(w http.ResponseWriter, r *http.Request, scheme string) {
+	label, ok := s.label(r.Host)
+	if !ok {
 		s.errorPage(w, http.StatusNotFound, "unknown_host", "Unknown host",
 			fmt.Sprintf("No Tether service is published at %s. Service hostnames look like SERVICE-DEVICE.%s.", r.Host, s.cfg.Domain))
 		return
 	}
-	sess, service := s.reg.lookup(label)
+	sess, service := s.reg.lookupHost(label)
 	if sess == nil {
 		s.serveAbsent(w, r, label)
 		return
 	}
-	ctx := context.WithValue(r.Context(), routeKey{}, &proxyRoute{sess: sess, service: service})
 	s.metrics.httpRequests.WithLabelValues(scheme).Inc()
-	s.proxy.ServeHTTP(w, r.WithContext(ctx))
+	sess.proxy(service).ServeHTTP(w, r)
+}
+
+// label returns the first label of host when host is a direct subdomain
+// of the relay's domain: the name of a lease.
+func (s *Server) label(host string) (string, bool) {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	label, ok := strings.CutSuffix(host, "."+s.cfg.Domain)
+	if !ok || label == "" || strings.Contains(label, ".") {
+		return "", false
+	}
+	return label, true
 }
 
 // serveAbsent answers for a hostname no local session serves: unknown,
@@ -79,31 +92,61 @@ func (s *Server) errorPage(w http.ResponseWriter, status int, reason, title, msg
 		status, html.EscapeString(title), html.EscapeString(title), html.EscapeString(msg), html.EscapeString(s.cfg.RelayID), status)
 }
 
-type roundTripFunc func(*http.Request) (*http.Response, error)
+// serviceProxy is the reverse proxy to one service of one device session.
+// Its transport's connections are data streams for that service, and idle
+// ones are kept for reuse (up to MaxIdleStreams).
+type serviceProxy struct {
+	*httputil.ReverseProxy
+	transport *http.Transport
+}
 
-func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
-
-// newProxy returns the reverse proxy of public HTTP: it keeps the public
-// Host, sets X-Forwarded-*, streams responses unbuffered and sends each
-// request through its device session's pool of streams.
-func (s *Server) newProxy() http.Handler {
-	return &httputil.ReverseProxy{
+// newServiceProxy builds the proxy of a (session, service) pair: it keeps
+// the public Host, sets X-Forwarded-*, streams responses unbuffered and
+// upgrades WebSockets (ReverseProxy's own handling).
+func (s *Server) newServiceProxy(sess *session, service string) *serviceProxy {
+	tr := &http.Transport{
+		// The address is the public Host (see Rewrite), which only keys the
+		// pool: every connection of this transport goes to this service.
+		DialContext: func(context.Context, string, string) (net.Conn, error) {
+			return sess.dialHTTP(service)
+		},
+		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,
+		IdleConnTimeout:       90 * time.Second,
+		DisableCompression:    true,
+		ExpectContinueTimeout: time.Second,
+	}
+	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
-			rt := pr.In.Context().Value(routeKey{}).(*proxyRoute)
-			pr.SetURL(&url.URL{Scheme: "http", Host: rt.service})
+			pr.SetURL(&url.URL{Scheme: "http", Host: pr.In.Host})
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
-		Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
-			return r.Context().Value(routeKey{}).(*proxyRoute).sess.http.RoundTrip(r)
-		}),
+		Transport: tr,
 		// Zero: ReverseProxy itself flushes at once for text/event-stream and
 		// for bodies of unknown length (streaming), and lets a known-length
 		// body go out without a flush per write (-1 cost a syscall per write).
 		FlushInterval: 0,
 		BufferPool:    copyBuffers{},
-		ErrorHandler:  s.proxyError,
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			s.proxyError(w, r, err, sess, service)
+		},
 	}
+	return &serviceProxy{ReverseProxy: rp, transport: tr}
+}
+
+// dialHTTP opens a data stream to service for the HTTP transport. It waits
+// for the agent's answer, so that a refusal is a clear dial error; pooled
+// streams pay this round trip only once.
+func (sess *session) dialHTTP(service string) (net.Conn, error) {
+	c, err := sess.openStream(service, "")
+	if err != nil {
+		return nil, err
+	}
+	if err := c.awaitAnswer(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
 }
 
 // copyBuffers lends ReverseProxy its 32 KB copy buffers from a pool
@@ -115,8 +158,9 @@ var copyBufferPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); retu
 func (copyBuffers) Get() []byte  { return *copyBufferPool.Get().(*[]byte) }
 func (copyBuffers) Put(b []byte) { copyBufferPool.Put(&b) }
 
-func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
-	rt := r.Context().Value(routeKey{}).(*proxyRoute)
+// proxyError answers a request the device's service could not serve with
+// the page that names why.
+func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error, sess *session, service string) {
 	var refused *RefusedError
 	switch {
 	case r.Context().Err() != nil:
@@ -124,81 +168,19 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		s.metrics.httpErrors.WithLabelValues("client_gone").Inc()
 	case errors.As(err, &refused) && refused.Refuse.Code == frames.CodeDialFailed:
 		s.errorPage(w, http.StatusBadGateway, "service_refused", "Service unreachable on the device",
-			fmt.Sprintf("Device %s is online, but its service %s did not accept the connection (%s).", rt.sess.name, rt.service, refused.Refuse.Message))
+			fmt.Sprintf("Device %s is online, but its service %s did not accept the connection (%s).", sess.name, service, refused.Refuse.Message))
 	case errors.As(err, &refused):
 		s.errorPage(w, http.StatusBadGateway, "stream_refused", "Device refused the connection",
-			fmt.Sprintf("Device %s refused a connection to service %s: %s.", rt.sess.name, rt.service, refused.Refuse))
+			fmt.Sprintf("Device %s refused a connection to service %s: %s.", sess.name, service, refused.Refuse))
 	case errors.Is(err, errTooManyStreams):
 		s.errorPage(w, http.StatusServiceUnavailable, "too_many_streams", "Device busy",
-			fmt.Sprintf("Device %s has too many open connections; try again shortly.", rt.sess.name))
-	case isSessionClosed(rt.sess):
+			fmt.Sprintf("Device %s has too many open connections; try again shortly.", sess.name))
+	case sess.isClosed():
 		s.errorPage(w, http.StatusBadGateway, "offline", "Device went offline",
-			fmt.Sprintf("Device %s disconnected while serving this request.", rt.sess.name))
+			fmt.Sprintf("Device %s disconnected while serving this request.", sess.name))
 	default:
-		s.log.Info("proxy to device failed", "device", rt.sess.name, "service", rt.service, "err", err)
+		s.log.Info("proxy to device failed", "device", sess.name, "service", service, "err", err)
 		s.errorPage(w, http.StatusBadGateway, "bad_gateway", "Bad gateway",
-			fmt.Sprintf("The connection to service %s of device %s failed.", rt.service, rt.sess.name))
-	}
-}
-
-func isSessionClosed(sess *session) bool {
-	select {
-	case <-sess.closed:
-		return true
-	default:
-		return sess.mux.IsClosed()
-	}
-}
-
-// newStreamTransport returns the HTTP transport to one device: each
-// connection is a data stream, and idle ones are kept for reuse.
-func (s *Server) newStreamTransport(sess *session) *http.Transport {
-	return &http.Transport{
-		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			service, _, err := net.SplitHostPort(addr)
-			if err != nil {
-				return nil, err
-			}
-			c, err := sess.openStream(service, "")
-			if err != nil {
-				return nil, err
-			}
-			// HTTP waits for the answer so that a refusal is a clear dial
-			// error; pooled streams pay this round trip only once.
-			if err := c.awaitAnswer(); err != nil {
-				c.Close()
-				return nil, err
-			}
-			return c, nil
-		},
-		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,
-		IdleConnTimeout:       90 * time.Second,
-		DisableCompression:    true,
-		ExpectContinueTimeout: time.Second,
-	}
-}
-
-// serveTCP splices one public TCP connection to a stream. The client's
-// bytes follow the stream header at once; the agent's answer is read
-// before any byte goes back.
-func (s *Server) serveTCP(c net.Conn, pl *portListener) {
-	sess, service := s.reg.portRoute(pl)
-	if sess == nil {
-		c.Close()
-		return
-	}
-	s.metrics.tcpConns.Inc()
-	st, err := sess.openStream(service, c.RemoteAddr().String())
-	if err != nil {
-		s.log.Info("open TCP stream", "device", sess.name, "service", service, "err", err)
-		c.Close()
-		return
-	}
-	res := splice.Splice(c, st)
-	s.metrics.bytes.WithLabelValues("to_device").Add(float64(res.AToB))
-	s.metrics.bytes.WithLabelValues("from_device").Add(float64(res.BToA))
-	var refused *RefusedError
-	if errors.As(res.Err, &refused) {
-		s.log.Info("TCP connection refused by device", "device", sess.name, "service", service, "reason", refused.Refuse)
+			fmt.Sprintf("The connection to service %s of device %s failed.", service, sess.name))
 	}
 }
