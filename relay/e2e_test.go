@@ -1,133 +1,179 @@
 package relay_test
 
 import (
-	"bufio"
-	"context"
+	"crypto/ed25519"
+	"crypto/tls"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/tetherfleet/tether/agent"
+	"github.com/coder/websocket"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
 
+// These tests run the relay in-process with its real control plane and
+// NATS, and speak to it with relaytest.RawAgent. The end-to-end tests
+// with the real agent live in agent/e2e_*_test.go.
+
 func TestMain(m *testing.M) { relaytest.RunWithLeakCheck(m) }
 
-// runningAgent is an agent under test.
-type runningAgent struct {
-	leases chan []frames.Lease
-	done   chan error
-	cancel context.CancelFunc
-}
+// echoHandler is a device's web service that says what it sees.
+var echoHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	fmt.Fprintf(w, "hello from device; host=%s xff=%s proto=%s xfh=%s path=%s",
+		r.Host, r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Proto"), r.Header.Get("X-Forwarded-Host"), r.URL.Path)
+})
 
-// startAgent runs an agent until the test ends.
-func startAgent(t *testing.T, cfg agent.Config) *runningAgent {
-	t.Helper()
-	ra := &runningAgent{leases: make(chan []frames.Lease, 16), done: make(chan error, 1)}
-	cfg.OnLeases = func(ls []frames.Lease) { ra.leases <- ls }
-	a, err := agent.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ra.cancel = cancel
-	go func() { ra.done <- a.Run(ctx) }()
-	t.Cleanup(func() { ra.stop(t) })
-	return ra
-}
-
-// registered waits for the agent's leases.
-func (ra *runningAgent) registered(t *testing.T) []frames.Lease {
-	t.Helper()
-	select {
-	case ls := <-ra.leases:
-		return ls
-	case err := <-ra.done:
-		t.Fatalf("agent stopped before registering: %v", err)
-	case <-time.After(20 * time.Second):
-		t.Fatal("agent did not register within 20s")
-	}
-	return nil
-}
-
-// exited waits for Run to return by itself.
-func (ra *runningAgent) exited(t *testing.T, within time.Duration) error {
-	t.Helper()
-	select {
-	case err := <-ra.done:
-		ra.done <- err
-		return err
-	case <-time.After(within):
-		t.Fatalf("agent still running after %v", within)
-	}
-	return nil
-}
-
-func (ra *runningAgent) stop(t *testing.T) {
-	ra.cancel()
-	select {
-	case err := <-ra.done:
-		ra.done <- err
-	case <-time.After(10 * time.Second):
-		t.Error("agent did not stop within 10s")
-	}
-}
-
-// webService is a device's local HTTP service that echoes what it sees.
-func webService(t *testing.T) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "hello from device; host=%s xff=%s proto=%s xfh=%s path=%s",
-			r.Host, r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Proto"), r.Header.Get("X-Forwarded-Host"), r.URL.Path)
-	}))
-	t.Cleanup(srv.Close)
-	return srv
-}
-
-func httpSvc(name string, srv *httptest.Server) agent.Service {
-	return agent.Service{Name: name, Proto: "http", Addr: strings.TrimPrefix(srv.URL, "http://")}
-}
-
-func TestEndToEndHTTPAndTCP(t *testing.T) {
+// TestPublicHTTPRoute follows public requests along the relay's HTTP
+// route: by Host to a device's service, or to the page naming why not.
+func TestPublicHTTPRoute(t *testing.T) {
 	e := relaytest.Start(t, relaytest.Options{})
-	web := webService(t)
-	ssh := relaytest.LineService(t)
-	ra := startAgent(t, e.AgentConfig("", "pi01", e.Token(1),
-		httpSvc("web", web), agent.Service{Name: "ssh", Proto: "tcp", Addr: ssh}))
-	leases := ra.registered(t)
-	if len(leases) != 2 || leases[0].Hostname != "web-pi01.localhost" || leases[1].Port != e.TCPPorts.First {
-		t.Fatalf("leases %+v", leases)
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	ra.ServeHTTP(t, echoHandler)
+
+	for _, tls := range []bool{false, true} {
+		code, body := e.Get(tls, "web-pi01.localhost", "/x")
+		proto := map[bool]string{false: "http", true: "https"}[tls]
+		if code != 200 || !strings.Contains(body, "host=web-pi01.localhost") || !strings.Contains(body, "xff=127.0.0.1") ||
+			!strings.Contains(body, "proto="+proto+" ") || !strings.Contains(body, "xfh=web-pi01.localhost") || !strings.Contains(body, "path=/x") {
+			t.Fatalf("%s: %d %q", proto, code, body)
+		}
+	}
+	cases := []struct {
+		name, url string
+		status    int
+		reason    string
+	}{
+		{"unknown host", "https://nope.localhost/", 404, "unknown_host"},
+		{"not under the domain", "http://example.org/", 404, "unknown_host"},
+		{"agent path on a service host is the service's", "https://web-pi01.localhost" + frames.EnrollPath, 200, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			resp, err := e.Client().Get(c.url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != c.status || resp.Header.Get("X-Tether-Error") != c.reason {
+				t.Fatalf("status %d (%q), want %d (%q)", resp.StatusCode, resp.Header.Get("X-Tether-Error"), c.status, c.reason)
+			}
+		})
 	}
 
-	code, body := e.Get(false, "web-pi01.localhost", "/x")
-	if code != 200 || !strings.Contains(body, "host=web-pi01.localhost") || !strings.Contains(body, "xff=127.0.0.1") ||
-		!strings.Contains(body, "proto=http ") || !strings.Contains(body, "path=/x") {
-		t.Fatalf("http: %d %q", code, body)
-	}
-	code, body = e.Get(true, "web-pi01.localhost", "/y")
-	if code != 200 || !strings.Contains(body, "proto=https") {
-		t.Fatalf("https: %d %q", code, body)
-	}
+	// The device goes away: its name stays leased, and the page says so.
+	ra.Mux.Close()
+	e.AwaitPage(false, "web-pi01.localhost", "/", 503, "pi01 is offline", 10*time.Second)
+}
 
-	// TCP: a line each way, then a half-close: the answer still arrives.
-	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", leases[1].Port))
-	if err != nil {
-		t.Fatal(err)
+func TestNewestSessionWins(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	first := e.EnrolledRaw(t, nil, "pi01")
+	second := e.EnrolledRaw(t, first.Key, "pi01")
+	if got := first.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeSuperseded {
+		t.Fatalf("old session ended with %v, want superseded", got)
 	}
-	defer c.Close()
-	fmt.Fprintf(c, "ping\n")
-	r := bufio.NewReader(c)
-	if line, err := r.ReadString('\n'); err != nil || line != "PING\n" {
-		t.Fatalf("tcp: %q %v", line, err)
+	second.Send(t, &frames.Heartbeat{Seq: 1})
+	if ack, ok := second.Recv(t).(*frames.HeartbeatAck); !ok || ack.Seq != 1 {
+		t.Fatal("new session not served")
 	}
-	c.(*net.TCPConn).CloseWrite()
-	rest, err := io.ReadAll(r)
-	if err != nil || string(rest) != "bye\n" {
-		t.Fatalf("after half-close: %q %v", rest, err)
+}
+
+func TestBadHandshakes(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	_, key, _ := ed25519.GenerateKey(nil)
+	var pub [32]byte
+	copy(pub[:], key.Public().(ed25519.PublicKey))
+	dial := func(t *testing.T) *relaytest.RawAgent { return relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool()) }
+
+	t.Run("signature by another key", func(t *testing.T) {
+		ra := dial(t)
+		ra.Send(t, &frames.Hello{PublicKey: pub, HeartbeatMillis: 1000})
+		ch := ra.Recv(t).(*frames.Challenge)
+		_, other, _ := ed25519.GenerateKey(nil)
+		auth := &frames.Auth{}
+		copy(auth.Signature[:], ed25519.Sign(other, frames.AuthMessage(ch.Nonce, pub, ch.RelayID)))
+		ra.Send(t, auth)
+		if got := ra.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeUnauthorized {
+			t.Fatalf("got %v", got)
+		}
+	})
+	t.Run("valid signature, key not enrolled", func(t *testing.T) {
+		ra := dial(t)
+		ra.Send(t, &frames.Hello{PublicKey: pub, HeartbeatMillis: 1000})
+		ch := ra.Recv(t).(*frames.Challenge)
+		auth := &frames.Auth{}
+		copy(auth.Signature[:], ed25519.Sign(key, frames.AuthMessage(ch.Nonce, pub, ch.RelayID)))
+		ra.Send(t, auth)
+		if got := ra.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeUnauthorized || !strings.Contains(got.Message, "not enrolled") {
+			t.Fatalf("got %v", got)
+		}
+	})
+	t.Run("replayed signature", func(t *testing.T) {
+		// A signature captured from one connection is useless on the next:
+		// every connection gets a fresh nonce.
+		ra := dial(t)
+		ra.Send(t, &frames.Hello{PublicKey: pub, HeartbeatMillis: 1000})
+		ch := ra.Recv(t).(*frames.Challenge)
+		old := [32]byte{1, 2, 3}
+		auth := &frames.Auth{}
+		copy(auth.Signature[:], ed25519.Sign(key, frames.AuthMessage(old, pub, ch.RelayID)))
+		ra.Send(t, auth)
+		if got := ra.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeUnauthorized {
+			t.Fatalf("got %v", got)
+		}
+	})
+	t.Run("no hello", func(t *testing.T) {
+		ra := dial(t)
+		ra.Send(t, &frames.Heartbeat{Seq: 1})
+		if got := ra.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeBadRequest {
+			t.Fatalf("got %v", got)
+		}
+	})
+	// Silence until the handshake deadline: TestHandshakeDeadline, in a
+	// synctest bubble.
+	t.Run("old protocol version", func(t *testing.T) {
+		_, resp, err := websocket.Dial(t.Context(), e.RelayURL()+frames.ConnectPath, &websocket.DialOptions{
+			HTTPClient:   &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.CA.Pool()}}},
+			Subprotocols: []string{"tether.v0"},
+		})
+		if err == nil || resp == nil || resp.StatusCode != http.StatusUpgradeRequired {
+			t.Fatalf("got %v %v", resp, err)
+		}
+	})
+}
+
+// TestMalformedFramesCloseOnlyThatSession: garbage from one agent closes
+// its session; another agent keeps being served.
+func TestMalformedFramesCloseOnlyThatSession(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	good := e.EnrolledRaw(t, nil, "good", frames.Service{Name: "web", Proto: "http"})
+	good.ServeHTTP(t, echoHandler)
+	garbage := map[string][]byte{
+		"oversized":      {byte(frames.TypeHeartbeat), 0x7f, 0xff, 0xff, 0xff},
+		"truncated":      {byte(frames.TypeHeartbeat), 0, 0, 0, 2, 1, 2},
+		"unexpected":     frames.Append(nil, &frames.Welcome{}),
+		"too many items": {byte(frames.TypeRegister), 0, 0, 0, 2, 0xff, 0xff},
+	}
+	for name, junk := range garbage {
+		t.Run(name, func(t *testing.T) {
+			bad := e.EnrolledRaw(t, nil, "bad-"+strings.ReplaceAll(name, " ", "-"))
+			bad.Ctrl.Write(junk)
+			if got := bad.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeBadRequest {
+				t.Fatalf("got %v", got)
+			}
+			if code, _ := e.Get(false, "web-good.localhost", "/"); code != 200 {
+				t.Fatalf("good agent not served after %s: %d", name, code)
+			}
+			good.Send(t, &frames.Heartbeat{Seq: 1})
+			if _, ok := good.Recv(t).(*frames.HeartbeatAck); !ok {
+				t.Fatalf("good agent's heartbeat not answered after %s", name)
+			}
+		})
+	}
+	if n := e.Counter("tether_relay_protocol_errors_total", ""); n != float64(len(garbage)) {
+		t.Fatalf("%v protocol errors counted, want %d", n, len(garbage))
 	}
 }

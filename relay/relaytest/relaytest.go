@@ -1,6 +1,11 @@
 // Package relaytest runs a complete Tether server in-process for tests and
 // benchmarks: an embedded NATS server, a control plane on bbolt in a temp
-// dir, and a relay on loopback listeners with a dev CA.
+// dir, and a relay on loopback listeners with a dev CA. RawAgent speaks the
+// agent's side of the protocol frame by frame, for tests of what a real
+// agent never does.
+//
+// It does not import package agent: tests that run the real agent build
+// its Config from RelayURL and CA.Pool themselves.
 package relaytest
 
 import (
@@ -21,7 +26,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/tetherfleet/tether/agent"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/daemon"
 	"github.com/tetherfleet/tether/controlplane/natsapi"
@@ -99,11 +103,21 @@ func (e *Env) StartRelay() {
 }
 
 // Counter returns the value of a counter of the relay's metrics with the
-// given label value (any label), or 0.
+// given label value (any label; empty means all series), or 0.
 func (e *Env) Counter(name, labelValue string) float64 {
-	mfs, err := e.Metrics.Gather()
+	v, err := CounterValue(e.Metrics, name, labelValue)
 	if err != nil {
 		e.T.Fatal(err)
+	}
+	return v
+}
+
+// CounterValue sums the counters called name in g whose series carry
+// labelValue (any label; empty means all series).
+func CounterValue(g prometheus.Gatherer, name, labelValue string) (float64, error) {
+	mfs, err := g.Gather()
+	if err != nil {
+		return 0, fmt.Errorf("gather metrics: %w", err)
 	}
 	var sum float64
 	for _, mf := range mfs {
@@ -111,15 +125,16 @@ func (e *Env) Counter(name, labelValue string) float64 {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			match := labelValue == ""
 			for _, l := range m.GetLabel() {
-				if labelValue == "" || l.GetValue() == labelValue {
-					sum += m.GetCounter().GetValue()
-					break
-				}
+				match = match || l.GetValue() == labelValue
+			}
+			if match {
+				sum += m.GetCounter().GetValue()
 			}
 		}
 	}
-	return sum
+	return sum, nil
 }
 
 // Node is another relay of the same cluster (same NATS, same control plane).
@@ -261,26 +276,6 @@ func (e *Env) Token(uses int) string {
 	return tok
 }
 
-// AgentConfig returns an agent config for this server; the state dir is new
-// unless given.
-func (e *Env) AgentConfig(stateDir, name, token string, services ...agent.Service) agent.Config {
-	if stateDir == "" {
-		stateDir = e.T.TempDir()
-	}
-	return agent.Config{
-		RelayURLs:         []string{e.RelayURL()},
-		EnrollToken:       token,
-		StateDir:          stateDir,
-		DeviceName:        name,
-		Services:          services,
-		RootCAs:           e.CA.Pool(),
-		HeartbeatInterval: time.Second,
-		BackoffMax:        500 * time.Millisecond,
-		Version:           "test",
-		Logger:            e.Logger.With("component", "agent", "name", name),
-	}
-}
-
 // Client returns an HTTP client that trusts the dev CA and sends every
 // request to the relay, whatever the URL's host (as DNS for *.localhost would).
 func (e *Env) Client() *http.Client {
@@ -313,6 +308,19 @@ func (e *Env) Get(tls bool, host, path string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// AwaitPage polls GET through the relay (as Get does) until the answer
+// has status and a body containing says, failing after within: for a
+// route that changes when a session comes or goes.
+func (e *Env) AwaitPage(tls bool, host, path string, status int, says string, within time.Duration) {
+	e.T.Helper()
+	Eventually(e.T, within, func() error {
+		if code, body := e.Get(tls, host, path); code != status || !strings.Contains(body, says) {
+			return fmt.Errorf("%s%s: %d %s, want %d saying %q", host, path, code, body, status, says)
+		}
+		return nil
+	})
 }
 
 // FreePortRange finds n consecutive free loopback ports for TCP leases.

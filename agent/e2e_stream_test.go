@@ -1,4 +1,4 @@
-package relay_test
+package agent_test
 
 import (
 	"bufio"
@@ -78,7 +78,7 @@ func TestStreamingThroughTunnel(t *testing.T) {
 	e := relaytest.Start(t, relaytest.Options{})
 	next := make(chan struct{})
 	svc := streamingService(t, next)
-	startAgent(t, e.AgentConfig("", "pi01", e.Token(1), httpSvc("web", svc))).registered(t)
+	startAgent(t, agentConfig(e, "", "pi01", e.Token(1), httpSvc("web", svc))).registered(t)
 
 	t.Run("websocket upgrade", func(t *testing.T) {
 		for _, scheme := range []string{"ws", "wss"} {

@@ -1,4 +1,4 @@
-package relay_test
+package agent_test
 
 import (
 	"context"
@@ -20,7 +20,7 @@ func TestClonedKeyStopsFlapping(t *testing.T) {
 	e := relaytest.Start(t, relaytest.Options{})
 	web := webService(t)
 	stateA := t.TempDir()
-	cfg := e.AgentConfig(stateA, "pi01", e.Token(1), httpSvc("web", web))
+	cfg := agentConfig(e, stateA, "pi01", e.Token(1), httpSvc("web", web))
 	startAgent(t, cfg).registered(t)
 
 	stateB := t.TempDir()

@@ -1,4 +1,4 @@
-package relay_test
+package agent_test
 
 import (
 	"context"
@@ -21,7 +21,7 @@ func TestDrainMovesAgentToAnotherRelay(t *testing.T) {
 	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) { c.DrainWindow = window }})
 	b := e.AddRelay("relay-b")
 	web := webService(t)
-	cfg := e.AgentConfig("", "pi01", e.Token(1), httpSvc("web", web))
+	cfg := agentConfig(e, "", "pi01", e.Token(1), httpSvc("web", web))
 	cfg.RelayURLs = []string{e.RelayURL(), b.URL()}
 	ra := startAgent(t, cfg)
 	ra.registered(t)
