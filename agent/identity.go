@@ -79,7 +79,8 @@ func (a *Agent) loadIdentity(ctx context.Context) (*identity, error) {
 	if name == "" {
 		name, isDefault = DefaultDeviceName(), true
 	}
-	req := frames.EnrollRequest{Token: a.cfg.EnrollToken, PublicKey: id.pub[:], Name: name, NameIsDefault: isDefault, AgentVersion: a.cfg.Version}
+	req := frames.EnrollRequest{Token: a.cfg.EnrollToken, EnrollDevice: frames.EnrollDevice{
+		PublicKey: id.pub[:], Name: name, NameIsDefault: isDefault, AgentVersion: a.cfg.Version}}
 	bo := a.newBackoff()
 	for attempt := 0; ; attempt++ {
 		url := enrollURL(a.cfg.RelayURLs[attempt%len(a.cfg.RelayURLs)])

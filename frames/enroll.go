@@ -8,7 +8,14 @@ const ConnectPath = "/_tether/connect"
 
 // EnrollRequest is the JSON body an agent POSTs to EnrollPath.
 type EnrollRequest struct {
-	Token         string `json:"token"`
+	Token string `json:"token"`
+	EnrollDevice
+}
+
+// EnrollDevice describes the device asking to enroll: the part of the
+// request the relay passes on to the control plane as it is (the token
+// travels on as its hash).
+type EnrollDevice struct {
 	PublicKey     []byte `json:"public_key"` // 32-byte ed25519 key, base64 in JSON
 	Name          string `json:"name"`
 	NameIsDefault bool   `json:"name_is_default,omitempty"` // the name is the hostname: suffix it on a clash instead of refusing

@@ -3,6 +3,7 @@ package relay
 import (
 	"encoding/json"
 	"net/http"
+	"strings"
 
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
@@ -22,7 +23,13 @@ func (s *Server) serveEnroll(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, frames.HTTPError{Error: "malformed enrollment request: " + err.Error()})
 		return
 	}
-	resp, err := s.cp.Enroll(r.Context(), req)
+	if !strings.HasPrefix(req.Token, controlplane.TokenPrefix) {
+		s.metrics.enrollments.WithLabelValues(string(controlplane.KindUnauthorized)).Inc()
+		writeJSON(w, http.StatusUnauthorized, frames.HTTPError{Error: "enrollment token is not valid (tokens start with " + controlplane.TokenPrefix + ")"})
+		return
+	}
+	// Only the token's hash crosses NATS: it is what the control plane stores.
+	resp, err := s.cp.Enroll(r.Context(), controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(req.Token), EnrollDevice: req.EnrollDevice})
 	if err != nil {
 		kind := controlplane.KindOf(err)
 		s.metrics.enrollments.WithLabelValues(string(kind)).Inc()

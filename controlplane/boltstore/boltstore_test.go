@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/frames"
 )
 
 // clock is a settable test clock.
@@ -64,23 +65,23 @@ func TestEnrollTokenRules(t *testing.T) {
 	tok := mustToken(t, s, 2, time.Hour)
 
 	k1 := key(t)
-	r1, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: k1, Name: "pi01"})
+	r1, err := s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: k1, Name: "pi01"}})
 	if err != nil || r1.Name != "pi01" {
 		t.Fatalf("enroll: %v %+v", err, r1)
 	}
 	// The same key again: succeeds, does not use the token up.
-	if r, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: k1, Name: "pi01"}); err != nil || r.DeviceID != r1.DeviceID {
+	if r, err := s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: k1, Name: "pi01"}}); err != nil || r.DeviceID != r1.DeviceID {
 		t.Fatalf("re-enroll: %v", err)
 	}
 	// An explicit name that is taken is refused...
-	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "pi01"})
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "pi01"}})
 	wantKind(t, err, controlplane.KindConflict)
 	// ...a default (hostname) one is suffixed.
-	r2, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "pi01", NameIsDefault: true})
+	r2, err := s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "pi01", NameIsDefault: true}})
 	if err != nil || r2.Name != "pi01-2" {
 		t.Fatalf("default name clash: %v %+v", err, r2)
 	}
-	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "pi03"})
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "pi03"}})
 	wantKind(t, err, controlplane.KindUnauthorized)
 	if !strings.Contains(err.Error(), "used up") || strings.Contains(err.Error(), tok) {
 		t.Fatalf("used-up message %q (must say why, must not echo the token)", err)
@@ -88,16 +89,16 @@ func TestEnrollTokenRules(t *testing.T) {
 
 	expiring := mustToken(t, s, 5, time.Minute)
 	c.Add(time.Minute)
-	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: expiring, PublicKey: key(t), Name: "pi04"})
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(expiring), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "pi04"}})
 	wantKind(t, err, controlplane.KindUnauthorized)
 	if !strings.Contains(err.Error(), "expired") {
 		t.Fatalf("expiry message %q", err)
 	}
-	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: "tth_nope", PublicKey: key(t), Name: "pi05"})
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash("tth_nope"), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "pi05"}})
 	wantKind(t, err, controlplane.KindUnauthorized)
-	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: key(t), Name: "Bad Name"})
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "Bad Name"}})
 	wantKind(t, err, controlplane.KindInvalid)
-	_, err = s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: []byte{1}, Name: "pi06"})
+	_, err = s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: []byte{1}, Name: "pi06"}})
 	wantKind(t, err, controlplane.KindInvalid)
 
 	d, err := s.Device(ctx, "pi01")
@@ -109,7 +110,7 @@ func TestEnrollTokenRules(t *testing.T) {
 func enrolled(t *testing.T, s *Store, name string) ed25519.PublicKey {
 	t.Helper()
 	k := key(t)
-	if _, err := s.Enroll(t.Context(), controlplane.EnrollRequest{Token: mustToken(t, s, 1, time.Hour), PublicKey: k, Name: name}); err != nil {
+	if _, err := s.Enroll(t.Context(), controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(mustToken(t, s, 1, time.Hour)), EnrollDevice: frames.EnrollDevice{PublicKey: k, Name: name}}); err != nil {
 		t.Fatal(err)
 	}
 	return k
@@ -297,7 +298,7 @@ func childWriter(path string) {
 	tok, _, _ := s.CreateToken(ctx, 1<<30, time.Hour, nil)
 	for i := 1; ; i++ {
 		k, _, _ := ed25519.GenerateKey(nil)
-		r, err := s.Enroll(ctx, controlplane.EnrollRequest{Token: tok, PublicKey: k, Name: fmt.Sprintf("dev%d", i)})
+		r, err := s.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: k, Name: fmt.Sprintf("dev%d", i)}})
 		if err != nil {
 			panic(err)
 		}

@@ -30,16 +30,13 @@ func (s *Store) Enroll(ctx context.Context, req controlplane.EnrollRequest) (con
 	if err := controlplane.ValidDeviceName(req.Name); err != nil {
 		return controlplane.EnrollResponse{}, err
 	}
-	if !strings.HasPrefix(req.Token, controlplane.TokenPrefix) {
-		return controlplane.EnrollResponse{}, controlplane.Errorf(controlplane.KindUnauthorized, "enrollment token is not valid (tokens start with %s)", controlplane.TokenPrefix)
-	}
 	id := frames.DeviceID(req.PublicKey)
 	now := s.cfg.Now().UTC()
 	var resp controlplane.EnrollResponse
 	err := s.db.Batch(func(tx *bolt.Tx) error {
 		resp = controlplane.EnrollResponse{} // Batch may run this more than once
 		tokens := tx.Bucket(bucketTokens)
-		key := tokenKey(req.Token)
+		key := []byte(req.TokenHash)
 		var tok controlplane.Token
 		if ok, err := getJSON(tokens, key, &tok); err != nil {
 			return err

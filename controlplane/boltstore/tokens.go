@@ -3,9 +3,7 @@ package boltstore
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/base32"
-	"encoding/hex"
 	"fmt"
 	"maps"
 	"strings"
@@ -42,10 +40,7 @@ func (s *Store) CreateToken(ctx context.Context, uses int, ttl time.Duration, la
 	return secret, tok, nil
 }
 
-func tokenKey(secret string) []byte {
-	sum := sha256.Sum256([]byte(secret))
-	return []byte(hex.EncodeToString(sum[:]))
-}
+func tokenKey(secret string) []byte { return []byte(controlplane.TokenHash(secret)) }
 
 // Tokens lists the enrollment tokens (without secrets).
 func (s *Store) Tokens(ctx context.Context) ([]controlplane.Token, error) {

@@ -60,7 +60,7 @@ func (e *Env) EnrolledRaw(t testing.TB, key ed25519.PrivateKey, name string, svc
 	t.Helper()
 	if key == nil {
 		_, key, _ = ed25519.GenerateKey(nil)
-		req := controlplane.EnrollRequest{Token: e.Token(1), PublicKey: key.Public().(ed25519.PublicKey), Name: name}
+		req := controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(e.Token(1)), EnrollDevice: frames.EnrollDevice{PublicKey: key.Public().(ed25519.PublicKey), Name: name}}
 		if _, err := e.CP.Store.Enroll(context.Background(), req); err != nil {
 			t.Fatal(err)
 		}
