@@ -216,7 +216,10 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	if !frames.VerifyAuth(hello.PublicKey, ch.Nonce, s.cfg.RelayID, auth.Signature) {
 		return nil, refuse(frames.CodeUnauthorized, "bad signature for device key "+frames.DeviceID(hello.PublicKey[:]))
 	}
-	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID, AgentVersion: hello.AgentVersion})
+	// The control plane checks the signature again: relay credentials alone
+	// do not open a session.
+	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID,
+		AgentVersion: hello.AgentVersion, Nonce: ch.Nonce, Signature: auth.Signature})
 	if err != nil {
 		return nil, sess.refuseCP(err)
 	}
