@@ -455,6 +455,20 @@ func (s *stream) waitRead() error {
 	case <-deadline:
 		return ErrTimeout
 	case <-s.die:
+		// TETHER PATCH: once both sides have sent FIN, the half-close
+		// cleanup closes die as well, maybe with the peer's last bytes
+		// still buffered, and select may pick this case over chFinEvent.
+		// Answer as chFinEvent does: buffered data first, then EOF.
+		select {
+		case <-s.chFinEvent:
+			s.bufferLock.Lock()
+			defer s.bufferLock.Unlock()
+			if s.bufferRing.len() > 0 {
+				return nil
+			}
+			return io.EOF
+		default:
+		}
 		return io.ErrClosedPipe
 	}
 
@@ -577,7 +591,7 @@ func (s *stream) writeV2(b []byte) (n int, err error) {
 		// eg1: uint32(0) - uint32(math.MaxUint32) = 1
 		// eg2: int32(uint32(0) - uint32(1)) = -1
 		//
-		// basicially, you can take it as a MODULAR ARITHMETIC
+		// basically, you can take it as a MODULAR ARITHMETIC
 		inflight := int32(atomic.LoadUint32(&s.numWritten) - atomic.LoadUint32(&s.peerConsumed))
 		if inflight < 0 { // security check for malformed data
 			return 0, ErrConsumed
