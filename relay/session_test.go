@@ -5,7 +5,6 @@ import (
 	"crypto/ed25519"
 	"log/slog"
 	"net"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -24,18 +23,6 @@ import (
 // The tests in this file drive relay sessions over net.Pipe in a synctest
 // bubble, so the relay's timers (heartbeat deadline, handshake deadline,
 // drain window) run on the bubble's clock: exact and instant.
-
-// inBubble runs f in a synctest bubble. smux keeps the channels its
-// writers wait on in a process-wide sync.Pool (resultChanPool), and a
-// channel made in a bubble kills the process when used outside it (or in
-// another bubble), so the pools are emptied before and after: two
-// collections, since sync.Pool keeps a victim cache through one.
-func inBubble(t *testing.T, f func(*testing.T)) {
-	emptyPools := func() { runtime.GC(); runtime.GC() }
-	emptyPools()
-	synctest.Test(t, f)
-	emptyPools()
-}
 
 // fakeControlPlane authorises every key and leases each HTTP service the
 // hostname SERVICE-DEVICE.
@@ -179,7 +166,7 @@ func endsAt(t *testing.T, ended <-chan struct{}, d time.Duration) {
 func TestSilentAgentDeclaredDead(t *testing.T) {
 	for _, beats := range []int{0, 2} {
 		t.Run(map[int]string{0: "silent from the start", 2: "silent after two heartbeats"}[beats], func(t *testing.T) {
-			inBubble(t, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
 				p := newPipeRelay(t)
 				ra, ended := p.handshake(t, nil)
 				for seq := range uint64(beats) {
@@ -203,7 +190,7 @@ func TestSilentAgentDeclaredDead(t *testing.T) {
 
 func TestHandshakeDeadline(t *testing.T) {
 	t.Run("no control stream", func(t *testing.T) {
-		inBubble(t, func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
 			p := newPipeRelay(t)
 			mux, ended := p.connect(t, nil)
 			endsAt(t, ended, 5*time.Second)
@@ -216,7 +203,7 @@ func TestHandshakeDeadline(t *testing.T) {
 		})
 	})
 	t.Run("silent on the control stream", func(t *testing.T) {
-		inBubble(t, func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
 			p := newPipeRelay(t)
 			mux, ended := p.connect(t, nil)
 			ra := relaytest.NewRawAgent(t, mux)
@@ -266,7 +253,7 @@ func (c *stallConn) Close() error {
 // heartbeats but reads nothing fills its control queue; the relay closes
 // the session (it cannot even take a heartbeat ack) and counts it.
 func TestControlQueueFullClosesSession(t *testing.T) {
-	inBubble(t, func(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 		p := newPipeRelay(t)
 		var conn *stallConn
 		ra, ended := p.handshake(t, func(c net.Conn) net.Conn { conn = newStallConn(c); return conn })
@@ -292,7 +279,7 @@ func TestControlQueueFullClosesSession(t *testing.T) {
 // move one after the other across its window, each given the rest of the
 // window, and is done as soon as they have left.
 func TestDrainNoticesSpreadOverWindow(t *testing.T) {
-	inBubble(t, func(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
 		p := newPipeRelay(t) // drain window 4s
 		agents := []*relaytest.RawAgent{}
 		for range 2 {

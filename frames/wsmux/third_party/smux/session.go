@@ -40,13 +40,6 @@ const (
 	openCloseTimeout     = 30 * time.Second // Timeout for opening/closing streams
 )
 
-// resultChanPool reduces allocation of result channels
-var resultChanPool = sync.Pool{
-	New: func() any {
-		return make(chan writeResult, 1)
-	},
-}
-
 // CLASSID represents the class of a frame
 type CLASSID int
 
@@ -672,8 +665,12 @@ func (s *Session) writeControlFrame(f Frame) (n int, err error) {
 
 // internal writeFrame version to support deadline used in keepalive
 func (s *Session) writeFrameInternal(f Frame, deadline <-chan time.Time, class CLASSID) (int, error) {
-	// get result channel from pool
-	resultCh := resultChanPool.Get().(chan writeResult)
+	// TETHER PATCH: a channel per request, not from a process-wide
+	// sync.Pool: a pooled channel made inside one testing/synctest bubble
+	// and used in another (or outside any) crashes the test binary ("select
+	// on synctest channel from outside bubble"), so no session could be
+	// tested under synctest.
+	resultCh := make(chan writeResult, 1)
 
 	req := writeRequest{
 		class:  class,
@@ -684,28 +681,21 @@ func (s *Session) writeFrameInternal(f Frame, deadline <-chan time.Time, class C
 	select {
 	case s.shaper <- req:
 	case <-s.die:
-		resultChanPool.Put(resultCh)
 		return 0, io.ErrClosedPipe
 	case <-s.chSocketWriteError:
-		resultChanPool.Put(resultCh)
 		return 0, s.socketWriteError.Load().(error)
 	case <-deadline:
-		resultChanPool.Put(resultCh)
 		return 0, ErrTimeout
 	}
 
 	select {
 	case result := <-resultCh:
-		resultChanPool.Put(resultCh)
 		return result.n, result.err
 	case <-s.die:
-		// Cannot recycle channel here - sendLoop may still write to it
 		return 0, io.ErrClosedPipe
 	case <-s.chSocketWriteError:
-		// Cannot recycle channel here - sendLoop may still write to it
 		return 0, s.socketWriteError.Load().(error)
 	case <-deadline:
-		// Cannot recycle channel here - sendLoop may still write to it
 		return 0, ErrTimeout
 	}
 }
