@@ -108,7 +108,7 @@ func newEnv(ctx context.Context, s settings) (*env, error) {
 	}
 	for _, a := range e.agents {
 		if err := e.waitLeases(ctx, a); err != nil {
-			return e, err
+			return e, fmt.Errorf("%w\n%s%s", err, a.proc.Logs(), e.relay.Logs())
 		}
 	}
 	settle(ctx, time.Second)
