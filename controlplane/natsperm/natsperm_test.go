@@ -106,4 +106,3 @@ func TestRoles(t *testing.T) {
 		t.Error("roles share an inbox prefix")
 	}
 }
-
