@@ -11,6 +11,7 @@ package controlplane
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"strings"
 	"time"
 
@@ -101,6 +102,19 @@ func ValidService(s Service) error {
 	}
 	if s.Proto != ProtoHTTP && s.Proto != ProtoTCP {
 		return Errorf(KindInvalid, "service %s: protocol %q is neither http nor tcp", s.Name, s.Proto)
+	}
+	return nil
+}
+
+// relayIDPattern is the grammar of a relay ID: one DNS label (it is a
+// token of NATS subjects and the first label of the relay's peer name).
+var relayIDPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// ValidRelayID checks a relay ID: 1 to 63 of a-z, 0-9 and inner '-'. An
+// error is KindInvalid.
+func ValidRelayID(id string) error {
+	if !relayIDPattern.MatchString(id) {
+		return Errorf(KindInvalid, "relay ID %q is not a DNS label (1-63 of a-z, 0-9, inner '-')", id)
 	}
 	return nil
 }
