@@ -65,6 +65,9 @@ type Lease struct {
 	Relay      string `json:"relay,omitempty"`
 	Online     bool   `json:"online"`
 	Generation uint64 `json:"generation,omitempty"`
+	// UnboundOn lists the live relays that reported this TCP lease's port
+	// as one they could not bind (admin listings only).
+	UnboundOn []string `json:"unbound_on,omitempty"`
 }
 
 // Token is an enrollment token as stored: only its hash is kept.
@@ -150,4 +153,24 @@ type Relays interface {
 	// ResetRelay marks every session held by a relay as ended (the relay
 	// restarted and holds none).
 	ResetRelay(ctx context.Context, relayID string) error
+}
+
+// Cluster is what a relay of a cluster uses: Relays, and the device events
+// and snapshots its replica is built from, membership, recovery after the
+// control plane was away, certificates and revocation notices.
+// natsapi.Client implements it; relay/cluster.md describes the protocol.
+type Cluster interface {
+	Relays
+	// Watch calls fn for every device event, in order, until ctx ends.
+	Watch(ctx context.Context, fn func(DeviceEvent)) error
+	// Snapshot returns a page of device records with the seq it is as of.
+	Snapshot(ctx context.Context, req SnapshotRequest) (SnapshotResponse, error)
+	// Hello announces the relay and lists the live relays.
+	Hello(ctx context.Context, req HelloRequest) (HelloResponse, error)
+	// Sync reports the sessions the relay holds after an outage.
+	Sync(ctx context.Context, req SyncRequest) (SyncResponse, error)
+	// Cert has the cluster CA certify a key of the relay.
+	Cert(ctx context.Context, req CertRequest) (CertResponse, error)
+	// ServeRevocations answers revocation notices to relay relayID.
+	ServeRevocations(ctx context.Context, relayID string, apply func(context.Context, RevokeNotice) error) error
 }

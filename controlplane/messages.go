@@ -243,4 +243,7 @@ type RevokeResult struct {
 	Device    Device   `json:"device"`
 	Confirmed []string `json:"confirmed"`
 	Pending   []string `json:"pending"`
+	// Undelivered says why no relay could be told at all (NATS is
+	// unreachable); empty when every live relay was asked.
+	Undelivered string `json:"undelivered,omitempty"`
 }

@@ -109,16 +109,6 @@ func approxSize(rec controlplane.DeviceRecord) int {
 	return n
 }
 
-// SyncResult is what Sync changed.
-type SyncResult struct {
-	// Accepted are the sessions now recorded online on the relay, with
-	// the generation each has now (which the relay adopts).
-	Accepted []controlplane.SyncSession
-	// Ended are the sessions that were online on the relay and are not
-	// any more.
-	Ended []controlplane.SyncSession
-}
-
 // Sync records the sessions relayID holds after the control plane was
 // unreachable, in one transaction. A reported session is accepted unless
 // its device is unknown or revoked, or another session is at least as new
@@ -128,18 +118,21 @@ type SyncResult struct {
 // one session. The device's stored generation never goes down, so it stays
 // ≥ every generation handed out (Connect) or accepted here. Every other
 // session recorded online on relayID ends.
-func (s *Store) Sync(ctx context.Context, relayID string, sessions []controlplane.SyncSession) (SyncResult, error) {
+//
+// accepted are the sessions now online on the relay, with the generation
+// each has now (which the relay adopts); ended are those that were online
+// on it and are not any more. Both are in device ID order.
+func (s *Store) Sync(ctx context.Context, relayID string, sessions []controlplane.SyncSession) (accepted, ended []controlplane.SyncSession, err error) {
 	// One session per device: the newest the relay reports.
 	newest := map[string]uint64{}
 	for _, ss := range sessions {
 		newest[ss.DeviceID] = max(newest[ss.DeviceID], ss.Generation)
 	}
 	now := s.cfg.Now().UTC()
-	var res SyncResult
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		res = SyncResult{}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		accepted, ended = nil, nil
 		b := tx.Bucket(bucketDevices)
-		accepted := map[string]bool{}
+		kept := map[string]bool{}
 		for id, gen := range newest {
 			var d controlplane.Device
 			if ok, err := getJSON(b, []byte(id), &d); err != nil {
@@ -158,26 +151,26 @@ func (s *Store) Sync(ctx context.Context, relayID string, sessions []controlplan
 			if err := putJSON(b, []byte(id), d); err != nil {
 				return err
 			}
-			accepted[id] = true
-			res.Accepted = append(res.Accepted, controlplane.SyncSession{DeviceID: id, Generation: gen})
+			kept[id] = true
+			accepted = append(accepted, controlplane.SyncSession{DeviceID: id, Generation: gen})
 		}
-		var ended []controlplane.Device
+		var stale []controlplane.Device
 		err := forEachJSON(b, func(d controlplane.Device) {
-			if d.Online && d.Relay == relayID && !accepted[d.ID] {
-				ended = append(ended, d)
+			if d.Online && d.Relay == relayID && !kept[d.ID] {
+				stale = append(stale, d)
 			}
 		})
-		for _, d := range ended {
+		for _, d := range stale {
 			d.Online, d.LastSeen = false, now
 			if err == nil {
 				err = putJSON(b, []byte(d.ID), d)
 			}
-			res.Ended = append(res.Ended, controlplane.SyncSession{DeviceID: d.ID, Generation: d.Generation})
+			ended = append(ended, controlplane.SyncSession{DeviceID: d.ID, Generation: d.Generation})
 		}
 		return err
 	})
 	bySession := func(a, b controlplane.SyncSession) int { return cmp.Compare(a.DeviceID, b.DeviceID) }
-	slices.SortFunc(res.Accepted, bySession)
-	slices.SortFunc(res.Ended, bySession)
-	return res, wrap("sync relay "+relayID, err)
+	slices.SortFunc(accepted, bySession)
+	slices.SortFunc(ended, bySession)
+	return accepted, ended, wrap("sync relay "+relayID, err)
 }

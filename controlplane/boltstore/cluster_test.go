@@ -88,7 +88,7 @@ func TestSync(t *testing.T) {
 	moved := enrolled(t, s, "moved")      // r1 reports gen 1, but it is online on r2 at gen 2
 	provisional := enrolled(t, s, "prov") // r1 admitted it with gen 2 while the control plane was away
 	tie := enrolled(t, s, "tie")          // r1 reports gen 1, the same generation online on r2
-	ended := enrolled(t, s, "ended")      // r1 reports gen 1; that generation ended on r2
+	endedKey := enrolled(t, s, "ended")   // r1 reports gen 1; that generation ended on r2
 	revoked := enrolled(t, s, "revoked")  // revoked meanwhile
 	connectOn("held", "r1", held)
 	connectOn("gone", "r1", gone)
@@ -97,35 +97,35 @@ func TestSync(t *testing.T) {
 	connectOn("prov", "r2", provisional)
 	s.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: id(provisional), Generation: 1})
 	connectOn("tie", "r2", tie)
-	connectOn("ended", "r2", ended)
-	s.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: id(ended), Generation: 1})
+	connectOn("ended", "r2", endedKey)
+	s.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: id(endedKey), Generation: 1})
 	if _, err := s.Revoke(ctx, "revoked"); err != nil {
 		t.Fatal(err)
 	}
-	res, err := s.Sync(ctx, "r1", []controlplane.SyncSession{
+	accepted, stale, err := s.Sync(ctx, "r1", []controlplane.SyncSession{
 		{DeviceID: id(held), Generation: 1},
 		{DeviceID: id(moved), Generation: 1},
 		{DeviceID: id(provisional), Generation: 2},
 		{DeviceID: id(provisional), Generation: 1}, // an older one of the same device: the newest counts
 		{DeviceID: id(tie), Generation: 1},
-		{DeviceID: id(ended), Generation: 1},
+		{DeviceID: id(endedKey), Generation: 1},
 		{DeviceID: id(revoked), Generation: 7},
 		{DeviceID: "dunknown", Generation: 1},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]uint64{id(held): 1, id(provisional): 2, id(ended): 2}
-	if len(res.Accepted) != len(want) {
-		t.Fatalf("accepted %+v, want %v", res.Accepted, want)
+	want := map[string]uint64{id(held): 1, id(provisional): 2, id(endedKey): 2}
+	if len(accepted) != len(want) {
+		t.Fatalf("accepted %+v, want %v", accepted, want)
 	}
-	for _, a := range res.Accepted {
+	for _, a := range accepted {
 		if want[a.DeviceID] != a.Generation {
-			t.Fatalf("accepted %+v, want %v", res.Accepted, want)
+			t.Fatalf("accepted %+v, want %v", accepted, want)
 		}
 	}
-	if len(res.Ended) != 1 || res.Ended[0].DeviceID != id(gone) {
-		t.Fatalf("ended %+v, want only gone", res.Ended)
+	if len(stale) != 1 || stale[0].DeviceID != id(gone) {
+		t.Fatalf("ended %+v, want only gone", stale)
 	}
 	check := func(name string, online bool, relay string, gen uint64) {
 		t.Helper()
@@ -145,8 +145,8 @@ func TestSync(t *testing.T) {
 		t.Fatalf("connect after a provisional generation 2: got %d, want 3", g)
 	}
 	// Syncing the same again changes nothing.
-	again, err := s.Sync(ctx, "r1", []controlplane.SyncSession{{DeviceID: id(held), Generation: 1}, {DeviceID: id(ended), Generation: 2}})
-	if err != nil || len(again.Accepted) != 2 || len(again.Ended) != 0 {
-		t.Fatalf("repeated sync: %+v %v", again, err)
+	again, none, err := s.Sync(ctx, "r1", []controlplane.SyncSession{{DeviceID: id(held), Generation: 1}, {DeviceID: id(endedKey), Generation: 2}})
+	if err != nil || len(again) != 2 || len(none) != 0 {
+		t.Fatalf("repeated sync: %+v %+v %v", again, none, err)
 	}
 }

@@ -1,4 +1,5 @@
-// Package daemon wires a complete control plane: the bbolt store, its NATS
+// Package daemon wires a complete control plane: the claim that makes it
+// the only one on its NATS, the bbolt store, the cluster CA, its NATS
 // service for relays, and the admin HTTP API. The standalone relay and
 // tether-controlplane both run one.
 package daemon
@@ -15,18 +16,21 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/boltstore"
+	"github.com/tetherfleet/tether/controlplane/clusterca"
 	"github.com/tetherfleet/tether/controlplane/httpapi"
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 )
 
 // Config configures a control plane.
 type Config struct {
-	// DataDir holds controlplane.db and, when AdminToken is empty, the
-	// generated admin-token file. Required.
+	// DataDir holds controlplane.db, the cluster CA (ca.pem, ca-key.pem)
+	// and, when AdminToken is empty, the generated admin-token file.
+	// Required.
 	DataDir string
 	// TCPPorts is the range TCP leases come from. Zero means 20000-29999.
 	TCPPorts controlplane.PortRange
@@ -37,6 +41,21 @@ type Config struct {
 	Domain string
 	// Version is reported in service discovery.
 	Version string
+	// CertDomains, when not empty, are the only domains relays' intermediate
+	// certificates may be constrained to. Empty means any name.
+	CertDomains []string
+	// ClaimWait is how long a starting control plane listens for another
+	// one on the same NATS before it serves. Zero means 2s.
+	ClaimWait time.Duration
+	// Host names this control plane to others that would start. Empty
+	// means the host name.
+	Host string
+	// HelloInterval is how often relays say hello. Zero means
+	// controlplane.HelloInterval.
+	HelloInterval time.Duration
+	// RevokeTimeout bounds the wait for each relay's confirmation of a
+	// revocation. Zero means 3s.
+	RevokeTimeout time.Duration
 	// Logger; nil discards.
 	Logger *slog.Logger
 }
@@ -44,6 +63,12 @@ type Config struct {
 // Daemon is a running control plane.
 type Daemon struct {
 	Store *boltstore.Store
+	// CA is the cluster CA; CA.Path is the root agents trust.
+	CA *clusterca.CA
+	// Service is the NATS service relays talk to.
+	Service *natsapi.Service
+	// Claim is this control plane's claim, answered to any other.
+	Claim controlplane.Claim
 	// Admin is the admin API handler, to be served on the admin listener.
 	Admin http.Handler
 	// AdminToken is the token the admin API accepts.
@@ -53,11 +78,14 @@ type Daemon struct {
 	// TokenGenerated is true when AdminToken was created by this start.
 	TokenGenerated bool
 
-	svc *natsapi.Service
+	active *natsapi.Active
 }
 
-// Start opens the store and serves the control plane on nc until Close.
-func Start(ctx context.Context, nc *nats.Conn, cfg Config) (*Daemon, error) {
+// Start claims the control plane role on nc's NATS (a *natsapi.ClaimError
+// when another control plane serves or starts first), opens the store and
+// the cluster CA, and serves the control plane on nc until Close. nc
+// should be connected as natsperm.ControlPlane.
+func Start(ctx context.Context, nc *nats.Conn, cfg Config) (_ *Daemon, err error) {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -73,29 +101,42 @@ func Start(ctx context.Context, nc *nats.Conn, cfg Config) (*Daemon, error) {
 			return nil, err
 		}
 	}
+	d.CA, err = clusterca.LoadOrCreate(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	d.CA.Domains = cfg.CertDomains
+	d.active, err = natsapi.Claim(ctx, nc, natsapi.ClaimConfig{Wait: cfg.ClaimWait, Host: cfg.Host, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	d.Claim = d.active.Claim
+	defer func() {
+		if err != nil {
+			d.active.Release()
+		}
+	}()
 	store, err := boltstore.Open(boltstore.Config{Path: filepath.Join(cfg.DataDir, "controlplane.db"), TCPPorts: cfg.TCPPorts})
 	if err != nil {
 		return nil, err
 	}
 	d.Store = store
-	d.svc, err = natsapi.Serve(ctx, nc, natsapi.ServiceConfig{Store: store, Version: cfg.Version, Logger: log})
+	d.Service, err = natsapi.Serve(ctx, nc, natsapi.ServiceConfig{
+		Store: store, CA: d.CA, Version: cfg.Version, Logger: log,
+		HelloInterval: cfg.HelloInterval, RevokeTimeout: cfg.RevokeTimeout,
+	})
 	if err != nil {
 		store.Close()
 		return nil, err
 	}
-	d.Admin = httpapi.Handler(httpapi.Config{
-		Store: store, Token: d.AdminToken, Domain: cfg.Domain, Logger: log,
-		Revoked: func(dev controlplane.Device) error {
-			return natsapi.Publish(nc, controlplane.DeviceEvent{Kind: controlplane.EventRevoked, DeviceID: dev.ID})
-		},
-	})
+	d.Admin = httpapi.Handler(httpapi.Config{Store: store, Cluster: d.Service, Token: d.AdminToken, Domain: cfg.Domain, Logger: log})
+	log.Info("control plane serving", "instance", d.Claim.Instance, "epoch", d.Service.Epoch(), "ca", d.CA.Path)
 	return d, nil
 }
 
-// Close stops serving and closes the store.
+// Close stops serving, releases the claim and closes the store.
 func (d *Daemon) Close() error {
-	err := d.svc.Stop()
-	return errors.Join(err, d.Store.Close())
+	return errors.Join(d.Service.Stop(), d.active.Release(), d.Store.Close())
 }
 
 // loadOrCreateSecret reads a secret file, or creates it (0600) with a new

@@ -5,8 +5,9 @@
 //	GET  /v1/tokens                 → [Token]
 //	GET  /v1/devices                → [Device]
 //	GET  /v1/devices/{device}       → Device
-//	POST /v1/devices/{device}/revoke → Device
-//	GET  /v1/leases                 → [Lease]
+//	POST /v1/devices/{device}/revoke → RevokeResult (which live relays confirmed)
+//	GET  /v1/leases                 → [Lease] (with the relays that could not bind a TCP lease's port)
+//	GET  /v1/relays                 → [RelayInfo] (the live relays)
 //
 // Errors are {"error": "…"} with the status of the error's kind.
 package httpapi
@@ -19,6 +20,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,7 +35,15 @@ type Store interface {
 	Devices(ctx context.Context) ([]controlplane.Device, error)
 	Device(ctx context.Context, nameOrID string) (controlplane.Device, error)
 	Leases(ctx context.Context) ([]controlplane.Lease, error)
-	Revoke(ctx context.Context, nameOrID string) (controlplane.Device, error)
+}
+
+// Cluster is what the admin API needs of the control plane's NATS side:
+// natsapi.Service implements it.
+type Cluster interface {
+	// Revoke revokes a device and asks every live relay to confirm.
+	Revoke(ctx context.Context, nameOrID string) (controlplane.RevokeResult, error)
+	// Relays lists the live relays.
+	Relays() []controlplane.RelayInfo
 }
 
 // Config configures the admin API.
@@ -44,9 +55,9 @@ type Config struct {
 	Token string
 	// Domain is appended to hostname labels in lease listings. Empty shows labels.
 	Domain string
-	// Revoked is called after a device was revoked, to cut it off
-	// cluster-wide. Nil means nobody is told.
-	Revoked func(controlplane.Device) error
+	// Cluster revokes devices cluster-wide and knows the live relays.
+	// Required.
+	Cluster Cluster
 	// Logger receives failures; nil discards them.
 	Logger *slog.Logger
 }
@@ -80,6 +91,7 @@ func Handler(cfg Config) http.Handler {
 	})
 	mux.HandleFunc("POST /v1/devices/{device}/revoke", a.revoke)
 	mux.HandleFunc("GET /v1/leases", a.leases)
+	mux.HandleFunc("GET /v1/relays", func(w http.ResponseWriter, r *http.Request) { a.reply(w, r)(cfg.Cluster.Relays(), nil) })
 	return a.auth(mux)
 }
 
@@ -151,24 +163,30 @@ func (a *api) createToken(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *api) revoke(w http.ResponseWriter, r *http.Request) {
-	d, err := a.cfg.Store.Revoke(r.Context(), r.PathValue("device"))
+	res, err := a.cfg.Cluster.Revoke(r.Context(), r.PathValue("device"))
 	if err == nil {
-		a.log.Info("device revoked", "device", d.Name, "device_id", d.ID)
-		if a.cfg.Revoked != nil {
-			if nerr := a.cfg.Revoked(d); nerr != nil {
-				// Stored: the relays also refuse it at its next connect.
-				a.log.Error("tell relays about revocation", "device", d.Name, "err", nerr)
-			}
-		}
+		a.log.Info("revocation", "device", res.Device.Name, "device_id", res.Device.ID,
+			"confirmed", res.Confirmed, "pending", res.Pending, "undelivered", res.Undelivered)
 	}
-	a.reply(w, r)(d, err)
+	a.reply(w, r)(res, err)
 }
 
+// leases lists the leases, each TCP lease with the live relays that
+// reported its port as unbound.
 func (a *api) leases(w http.ResponseWriter, r *http.Request) {
 	ls, err := a.cfg.Store.Leases(r.Context())
+	unbound := map[uint16][]string{}
+	for _, rl := range a.cfg.Cluster.Relays() {
+		for _, p := range rl.UnboundPorts {
+			unbound[p] = append(unbound[p], rl.ID)
+		}
+	}
 	for i := range ls {
 		if ls[i].Hostname != "" && a.cfg.Domain != "" {
 			ls[i].Hostname += "." + a.cfg.Domain
+		}
+		if ls[i].Port != 0 {
+			ls[i].UnboundOn = slices.Sorted(slices.Values(unbound[ls[i].Port]))
 		}
 	}
 	a.reply(w, r)(ls, err)
@@ -237,8 +255,15 @@ func (c *Client) Leases(ctx context.Context) ([]controlplane.Lease, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/leases", nil, &out)
 }
 
-// Revoke revokes a device by name or ID.
-func (c *Client) Revoke(ctx context.Context, device string) (controlplane.Device, error) {
-	var out controlplane.Device
-	return out, c.do(ctx, http.MethodPost, "/v1/devices/"+device+"/revoke", nil, &out)
+// Revoke revokes a device by name or ID and says which live relays
+// confirmed they cut it off.
+func (c *Client) Revoke(ctx context.Context, device string) (controlplane.RevokeResult, error) {
+	var out controlplane.RevokeResult
+	return out, c.do(ctx, http.MethodPost, "/v1/devices/"+url.PathEscape(device)+"/revoke", nil, &out)
+}
+
+// Relays lists the live relays.
+func (c *Client) Relays(ctx context.Context) ([]controlplane.RelayInfo, error) {
+	var out []controlplane.RelayInfo
+	return out, c.do(ctx, http.MethodGet, "/v1/relays", nil, &out)
 }

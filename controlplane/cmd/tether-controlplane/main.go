@@ -1,6 +1,9 @@
 // Command tether-controlplane runs the control plane of a Tether cluster:
 // it serves relays over NATS and operators over the admin API, with its
 // state in a bbolt file. A standalone tether-relay embeds one instead.
+//
+// Only one control plane serves a NATS cluster: a second one (a standby
+// started too early) exits with status 1, naming the one that serves.
 package main
 
 import (
@@ -13,14 +16,16 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/daemon"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
+	"github.com/tetherfleet/tether/controlplane/natsperm"
 	"github.com/tetherfleet/tether/controlplane/ops"
 	"github.com/tetherfleet/tether/frames/cli"
 )
@@ -31,16 +36,23 @@ const about = `tether-controlplane: enrollment, revocation, leases and presence 
 served to relays over NATS and to operators (tetherctl) over the admin API.`
 
 type spec struct {
-	NATSURL        string `envconfig:"NATS_URL" required:"true" desc:"NATS server the relays use"`
-	DataDir        string `split_words:"true" default:"./tether-data" desc:"controlplane.db and generated secrets"`
-	Domain         string `split_words:"true" default:"localhost" desc:"base domain, shown in lease listings"`
-	TCPPorts       string `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
-	AdminAddr      string `split_words:"true" default:"127.0.0.1:7070" desc:"admin API listener"`
-	AdminToken     string `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
-	AdminTokenFile string `split_words:"true" desc:"file holding the admin token"`
-	OpsAddr        string `split_words:"true" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
-	LogFormat      string `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
-	LogLevel       string `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	NATSURL          string        `envconfig:"NATS_URL" required:"true" desc:"NATS server(s) the relays use, comma-separated"`
+	NATSUser         string        `split_words:"true" desc:"NATS user (controlplane in relay/deploy/nats.conf)"`
+	NATSPassword     string        `split_words:"true" desc:"NATS password"`
+	NATSPasswordFile string        `split_words:"true" desc:"file holding the NATS password"`
+	NATSCreds        string        `split_words:"true" desc:"NATS .creds file (instead of user and password)"`
+	NATSCA           string        `envconfig:"NATS_CA" desc:"PEM file of the CA of the NATS servers' TLS certificates"`
+	ClaimWait        time.Duration `split_words:"true" default:"2s" desc:"how long to listen for another control plane on the same NATS before serving"`
+	CertDomains      string        `split_words:"true" desc:"comma-separated domains relays' intermediate certificates may cover; empty: TETHER_DOMAIN"`
+	DataDir          string        `split_words:"true" default:"./tether-data" desc:"controlplane.db, the cluster CA (ca.pem: agents trust it) and generated secrets"`
+	Domain           string        `split_words:"true" default:"localhost" desc:"base domain, shown in lease listings"`
+	TCPPorts         string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
+	AdminAddr        string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API listener"`
+	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
+	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
+	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	LogFormat        string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
 
 func main() {
@@ -70,12 +82,23 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if s.AdminToken, err = cli.Secret(s.AdminToken, s.AdminTokenFile); err != nil {
 		return err
 	}
-	nc, err := nats.Connect(s.NATSURL, nats.Name("tether-controlplane"), nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true))
+	if s.NATSPassword, err = cli.Secret(s.NATSPassword, s.NATSPasswordFile); err != nil {
+		return err
+	}
+	auth := natsapi.Auth{User: s.NATSUser, Password: s.NATSPassword, CredsFile: s.NATSCreds, CAFile: s.NATSCA}
+	nc, err := natsapi.Connect(s.NATSURL, auth, natsperm.ControlPlane, "tether-controlplane", log.With("component", "nats"))
 	if err != nil {
-		return fmt.Errorf("connect to NATS %s: %w", s.NATSURL, err)
+		return err
 	}
 	defer nc.Drain()
-	cp, err := daemon.Start(ctx, nc, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version, Logger: log})
+	certDomains := []string{s.Domain}
+	if s.CertDomains != "" {
+		certDomains = strings.Split(s.CertDomains, ",")
+	}
+	cp, err := daemon.Start(ctx, nc, daemon.Config{
+		DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version,
+		CertDomains: certDomains, ClaimWait: s.ClaimWait, Logger: log,
+	})
 	if err != nil {
 		return err
 	}

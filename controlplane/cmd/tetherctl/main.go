@@ -1,6 +1,9 @@
 // Command tetherctl is the operator's CLI for a Tether control plane: it
-// creates enrollment tokens, lists devices and leases, and revokes devices,
-// over the admin API.
+// creates enrollment tokens, lists devices, leases and live relays, and
+// revokes devices, over the admin API.
+//
+// It exits 0 on success, 1 on an error, and 2 when a revocation is stored
+// but not yet confirmed by every live relay.
 package main
 
 import (
@@ -13,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -30,7 +34,9 @@ Commands:
   token create [--uses N] [--ttl 24h] [--label k=v]...   print a new enrollment token
   devices [--json]                                        list devices
   leases [--json]                                         list leases (hostname or port, device, service, relay, online)
-  revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect`
+  relays [--json]                                         list the live relays
+  revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect
+                                                          (exit status 2: not yet confirmed by every live relay)`
 
 type spec struct {
 	AdminURL       string `split_words:"true" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
@@ -46,10 +52,23 @@ func main() {
 		if errors.Is(err, cli.ErrHelp) {
 			return
 		}
+		var ex exitStatus
+		if errors.As(err, &ex) {
+			os.Exit(int(ex))
+		}
 		fmt.Fprintln(os.Stderr, "tetherctl:", err)
 		os.Exit(1)
 	}
 }
+
+// exitStatus ends tetherctl with a status after its output said why.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+// statusUnconfirmed is the exit status of a revocation that not every
+// live relay confirmed.
+const statusUnconfirmed exitStatus = 2
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var s spec
@@ -117,15 +136,31 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		printLeases(stdout, ls)
 		return nil
+	case "relays":
+		asJSON, err := jsonFlag("relays", rest)
+		if err != nil {
+			return err
+		}
+		rs, err := c.Relays(ctx)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(stdout, rs)
+		}
+		printRelays(stdout, rs)
+		return nil
 	case "revoke":
 		if len(rest) != 1 {
 			return errors.New("usage: tetherctl revoke DEVICE")
 		}
-		d, err := c.Revoke(ctx, rest[0])
+		res, err := c.Revoke(ctx, rest[0])
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "revoked %s (%s): it is cut off and cannot reconnect\n", d.Name, d.ID)
+		if !printRevoke(stdout, res) {
+			return statusUnconfirmed
+		}
 		return nil
 	}
 	return fmt.Errorf("unknown command %q (see tetherctl --help)", cmd)
@@ -208,15 +243,72 @@ func printDevices(w io.Writer, ds []controlplane.Device) {
 
 func printLeases(w io.Writer, ls []controlplane.Lease) {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOSTNAME/PORT\tDEVICE\tSERVICE\tPROTO\tRELAY\tONLINE")
+	fmt.Fprintln(tw, "HOSTNAME/PORT\tDEVICE\tSERVICE\tPROTO\tRELAY\tONLINE\tNOTE")
 	for _, l := range ls {
 		name := l.Hostname
 		if l.Port != 0 {
 			name = fmt.Sprintf("port %d", l.Port)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\n", name, l.DeviceName, l.Service, l.Proto, dash(l.Relay), l.Online)
+		note := ""
+		if len(l.UnboundOn) > 0 {
+			note = "unbound on " + strings.Join(l.UnboundOn, ", ")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%s\n", name, l.DeviceName, l.Service, l.Proto, dash(l.Relay), l.Online, dash(note))
 	}
 	tw.Flush()
+}
+
+func printRelays(w io.Writer, rs []controlplane.RelayInfo) {
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tCLUSTER ADDR\tSESSIONS\tPUBLIC NAMES\tUNBOUND PORTS\tLAST HELLO")
+	for _, r := range rs {
+		var ports []string
+		for _, p := range r.UnboundPorts {
+			ports = append(ports, strconv.Itoa(int(p)))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", r.ID, dash(r.ClusterAddr), r.Sessions,
+			dash(strings.Join(r.PublicNames, ",")), dash(strings.Join(ports, ",")), ago(r.LastSeen))
+	}
+	tw.Flush()
+}
+
+// printRevoke says what a revocation achieved, and reports whether every
+// live relay confirmed it. It says "cut off" only then.
+func printRevoke(w io.Writer, res controlplane.RevokeResult) bool {
+	d := res.Device
+	switch {
+	case res.Undelivered != "":
+		fmt.Fprintf(w, "revoked %s (%s) in the control plane; NATS is unreachable, so no relay was told (%s): each applies the revocation when it reaches the control plane again\n",
+			d.Name, d.ID, res.Undelivered)
+		if len(res.Pending) > 0 {
+			fmt.Fprintf(w, "not yet confirmed by %s\n", relayList(res.Pending))
+		}
+		return false
+	case len(res.Pending) > 0:
+		applies, reaches := "it applies", "it reaches"
+		if len(res.Pending) > 1 {
+			applies, reaches = "they apply", "they reach"
+		}
+		fmt.Fprintf(w, "revoked %s (%s) in the control plane; not yet confirmed by %s: %s the revocation when %s the control plane again\n",
+			d.Name, d.ID, relayList(res.Pending), applies, reaches)
+		if len(res.Confirmed) > 0 {
+			fmt.Fprintf(w, "confirmed by %s\n", relayList(res.Confirmed))
+		}
+		return false
+	case len(res.Confirmed) > 0:
+		fmt.Fprintf(w, "revoked %s (%s): cut off: confirmed by every live relay (%s)\n", d.Name, d.ID, strings.Join(res.Confirmed, ", "))
+	default:
+		fmt.Fprintf(w, "revoked %s (%s): no relay is live, so none serves it; every relay refuses it when it reaches the control plane\n", d.Name, d.ID)
+	}
+	return true
+}
+
+// relayList is "relay a" or "relays a, b".
+func relayList(ids []string) string {
+	if len(ids) == 1 {
+		return "relay " + ids[0]
+	}
+	return "relays " + strings.Join(ids, ", ")
 }
 
 func dash(s string) string {
