@@ -164,19 +164,25 @@ func Claim(ctx context.Context, nc *nats.Conn, cfg ClaimConfig) (*Active, error)
 	// made later than ours reaches us.
 	mine.Started = now().UTC()
 	data, _ := json.Marshal(mine)
-	if err := nc.PublishRequest(controlplane.SubjectClaim, inbox, data); err != nil {
-		return fail(fmt.Errorf("publish control plane claim: %w", err))
-	}
-	if err := flush(ctx, nc); err != nil {
-		return fail(fmt.Errorf("publish control plane claim: %w", err))
+	claim := func() error {
+		if err := nc.PublishRequest(controlplane.SubjectClaim, inbox, data); err != nil {
+			return fmt.Errorf("publish control plane claim: %w", err)
+		}
+		if err := flush(ctx, nc); err != nil {
+			return fmt.Errorf("publish control plane claim: %w", err)
+		}
+		return nil
 	}
 	log.Info("claiming the control plane role", "instance", mine.Instance, "wait", wait)
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return fail(fmt.Errorf("claim the control plane role: %w", ctx.Err()))
-	case <-t.C:
+	// The claim goes out twice: at once, and halfway through the wait.
+	// In a NATS cluster, a subscription reaches the other servers a moment
+	// after it is made, so two control planes starting together on two
+	// servers could miss each other's first claim; by the second, their
+	// subscriptions have long spread.
+	for _, step := range []func() error{claim, pause(ctx, wait/2), claim, pause(ctx, wait-wait/2)} {
+		if err := step(); err != nil {
+			return fail(err)
+		}
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -216,4 +222,18 @@ func flush(ctx context.Context, nc *nats.Conn) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return nc.FlushWithContext(ctx)
+}
+
+// pause returns a step that waits for d or until ctx ends.
+func pause(ctx context.Context, d time.Duration) func() error {
+	return func() error {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("claim the control plane role: %w", ctx.Err())
+		case <-t.C:
+			return nil
+		}
+	}
 }

@@ -28,28 +28,30 @@ func newNonces(ttl time.Duration, max int) *nonces {
 func (s *nonces) add(n [32]byte, now time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// Forget what expired, then the oldest while full.
-	for s.head < len(s.order) {
-		old := s.order[s.head]
-		if now.Sub(s.seen[old]) < s.ttl && len(s.seen) < s.max {
-			break
-		}
-		if now.Sub(s.seen[old]) < s.ttl {
-			s.evicted++
-		}
-		delete(s.seen, old)
-		s.head++
+	// Forget what expired.
+	for s.head < len(s.order) && now.Sub(s.seen[s.order[s.head]]) >= s.ttl {
+		s.forgetOldest()
+	}
+	if _, ok := s.seen[n]; ok {
+		return false
+	}
+	// Full: the oldest gives way.
+	for len(s.seen) >= s.max && s.head < len(s.order) {
+		s.forgetOldest()
+		s.evicted++
 	}
 	if s.head > len(s.order)/2 && s.head > 1024 {
 		s.order = append([][32]byte(nil), s.order[s.head:]...)
 		s.head = 0
 	}
-	if _, ok := s.seen[n]; ok {
-		return false
-	}
 	s.seen[n] = now
 	s.order = append(s.order, n)
 	return true
+}
+
+func (s *nonces) forgetOldest() {
+	delete(s.seen, s.order[s.head])
+	s.head++
 }
 
 // size is how many nonces are remembered.
