@@ -4,10 +4,13 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
+	bolt "go.etcd.io/bbolt"
 )
 
 func TestSnapshotPages(t *testing.T) {
@@ -148,5 +151,24 @@ func TestSync(t *testing.T) {
 	again, none, err := s.Sync(ctx, "r1", []controlplane.SyncSession{{DeviceID: id(held), Generation: 1}, {DeviceID: id(endedKey), Generation: 2}})
 	if err != nil || len(again) != 2 || len(none) != 0 {
 		t.Fatalf("repeated sync: %+v %+v %v", again, none, err)
+	}
+}
+
+// TestErrorsNameNoTokenHash: a damaged token record is reported by the
+// token's ID, never by its hash (which enrolls over NATS).
+func TestErrorsNameNoTokenHash(t *testing.T) {
+	s := mustOpen(t, filepath.Join(t.TempDir(), "cp.db"), newClock())
+	tok := mustToken(t, s, 1, time.Hour)
+	hash := controlplane.TokenHash(tok)
+	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketTokens).Put([]byte(hash), []byte("{")) }); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.Enroll(t.Context(), controlplane.EnrollRequest{TokenHash: hash, EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "pi01"}})
+	if err == nil || strings.Contains(err.Error(), hash) || strings.Contains(err.Error(), tok) {
+		t.Fatalf("enroll with a damaged token: %v", err)
+	}
+	_, err = s.Tokens(t.Context())
+	if err == nil || strings.Contains(err.Error(), hash) {
+		t.Fatalf("tokens with a damaged one: %v", err)
 	}
 }

@@ -132,16 +132,26 @@ func getJSON(b *bolt.Bucket, key []byte, v any) (bool, error) {
 		return false, nil
 	}
 	if err := json.Unmarshal(data, v); err != nil {
-		return true, fmt.Errorf("decode %s: %w", key, err)
+		return true, fmt.Errorf("decode %s: %w", logKey(key), err)
 	}
 	return true, nil
+}
+
+// logKey is a key as it may appear in an error: a token's hash (the only
+// 64-character keys) is cut to the token's public ID, since the hash is
+// what enrolls over NATS.
+func logKey(k []byte) string {
+	if len(k) == 64 {
+		return "token " + string(k[:12])
+	}
+	return string(k)
 }
 
 func forEachJSON[T any](b *bolt.Bucket, fn func(T)) error {
 	return b.ForEach(func(k, v []byte) error {
 		var t T
 		if err := json.Unmarshal(v, &t); err != nil {
-			return fmt.Errorf("decode %s: %w", k, err)
+			return fmt.Errorf("decode %s: %w", logKey(k), err)
 		}
 		fn(t)
 		return nil

@@ -67,7 +67,7 @@ func StartConfig(cfg Config) (*Server, error) {
 		DontListen: cfg.Listen == "",
 		NoSigs:     true,
 		NoLog:      cfg.Logger == nil,
-		MaxPayload: 1 << 20,
+		MaxPayload: natsperm.MaxPayload,
 	}
 	if opts.ServerName == "" {
 		opts.ServerName = "tether-embedded"

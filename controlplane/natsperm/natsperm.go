@@ -19,6 +19,11 @@ import (
 	"github.com/tetherfleet/tether/controlplane"
 )
 
+// MaxPayload is the largest NATS message Tether needs: a relay's sync
+// lists every session it holds (some 60 bytes each). NATS servers of a
+// Tether cluster set max_payload to it.
+const MaxPayload = 8 << 20
+
 // Role is a kind of NATS client in a Tether cluster. Its string is the
 // NATS user name it connects as.
 type Role string

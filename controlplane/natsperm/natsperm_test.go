@@ -30,6 +30,9 @@ func TestDeployConfMatches(t *testing.T) {
 	if err != nil {
 		t.Fatalf("load %s: %v", deployConf, err)
 	}
+	if opts.MaxPayload != MaxPayload {
+		t.Errorf("max_payload %d, want %d", opts.MaxPayload, MaxPayload)
+	}
 	if opts.NoAuthUser != "" {
 		t.Errorf("no_auth_user %q lets anonymous clients in", opts.NoAuthUser)
 	}
