@@ -1,0 +1,140 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"errors"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/boltstore"
+	"github.com/tetherfleet/tether/controlplane/httpapi"
+	"github.com/tetherfleet/tether/frames"
+)
+
+// cluster stands in for the control plane's NATS side.
+type cluster struct {
+	store       *boltstore.Store
+	relays      []controlplane.RelayInfo
+	confirmed   []string
+	pending     []string
+	undelivered string
+}
+
+func (c *cluster) Relays() []controlplane.RelayInfo { return c.relays }
+
+func (c *cluster) Revoke(ctx context.Context, nameOrID string) (controlplane.RevokeResult, error) {
+	d, err := c.store.Revoke(ctx, nameOrID)
+	return controlplane.RevokeResult{Device: d, Confirmed: c.confirmed, Pending: c.pending, Undelivered: c.undelivered}, err
+}
+
+// admin serves the admin API over a store with one device, pi01, whose
+// ssh service holds port 20000.
+func admin(t *testing.T) (*cluster, []string) {
+	t.Helper()
+	st, err := boltstore.Open(boltstore.Config{Path: filepath.Join(t.TempDir(), "cp.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	ctx := t.Context()
+	tok, _, _ := st.CreateToken(ctx, 1, time.Hour, nil)
+	pub, _, _ := ed25519.GenerateKey(nil)
+	if _, err := st.Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: pub, Name: "pi01"}}); err != nil {
+		t.Fatal(err)
+	}
+	cr, err := st.Connect(ctx, controlplane.ConnectRequest{PublicKey: pub, RelayID: "relay-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Register(ctx, controlplane.RegisterRequest{DeviceID: cr.DeviceID, Generation: cr.Generation,
+		Services: []controlplane.Service{{Name: "ssh", Proto: "tcp"}}}); err != nil {
+		t.Fatal(err)
+	}
+	c := &cluster{store: st}
+	srv := httptest.NewServer(httpapi.Handler(httpapi.Config{Store: st, Cluster: c, Token: "tta_test"}))
+	t.Cleanup(srv.Close)
+	return c, []string{"--admin-url", srv.URL, "--admin-token", "tta_test"}
+}
+
+func ctl(t *testing.T, flags []string, args ...string) (string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	err := run(t.Context(), append(append([]string{}, flags...), args...), &out, &errOut)
+	return out.String() + errOut.String(), err
+}
+
+func TestRevokeSaysCutOffOnlyWhenEveryLiveRelayConfirmed(t *testing.T) {
+	for _, tc := range []struct {
+		name               string
+		confirmed, pending []string
+		undelivered        string
+		want               []string
+		unconfirmed        bool
+	}{
+		{name: "all confirmed", confirmed: []string{"a", "b", "c"},
+			want: []string{"revoked pi01", "cut off: confirmed by every live relay (a, b, c)"}},
+		{name: "one pending", confirmed: []string{"a", "b"}, pending: []string{"c"}, unconfirmed: true,
+			want: []string{"revoked pi01", "in the control plane; not yet confirmed by relay c: it applies the revocation when it reaches the control plane again", "confirmed by relays a, b"}},
+		{name: "NATS down", pending: []string{"a"}, undelivered: "the relays could not be told: not connected to NATS", unconfirmed: true,
+			want: []string{"revoked pi01", "NATS is unreachable", "not yet confirmed by relay a"}},
+		{name: "no live relay",
+			want: []string{"revoked pi01", "no relay is live"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, flags := admin(t)
+			c.confirmed, c.pending, c.undelivered = tc.confirmed, tc.pending, tc.undelivered
+			out, err := ctl(t, flags, "revoke", "pi01")
+			var ex exitStatus
+			if tc.unconfirmed {
+				if !errors.As(err, &ex) || ex != 2 {
+					t.Fatalf("exit: %v, want status 2\n%s", err, out)
+				}
+				if strings.Contains(out, "cut off") {
+					t.Fatalf("says cut off while unconfirmed:\n%s", out)
+				}
+			} else if err != nil {
+				t.Fatalf("revoke: %v\n%s", err, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Fatalf("output lacks %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}
+
+func TestLeasesShowUnboundPorts(t *testing.T) {
+	c, flags := admin(t)
+	c.relays = []controlplane.RelayInfo{{ID: "relay-b", UnboundPorts: []uint16{20000}}, {ID: "relay-a"}, {ID: "relay-c", UnboundPorts: []uint16{20000, 20005}}}
+	out, err := ctl(t, flags, "leases")
+	if err != nil || !strings.Contains(out, "unbound on relay-b, relay-c") {
+		t.Fatalf("leases: %v\n%s", err, out)
+	}
+	out, err = ctl(t, flags, "leases", "--json")
+	var ls []controlplane.Lease
+	if err != nil || json.Unmarshal([]byte(out), &ls) != nil || len(ls) != 1 || strings.Join(ls[0].UnboundOn, ",") != "relay-b,relay-c" {
+		t.Fatalf("leases --json: %v\n%s", err, out)
+	}
+}
+
+func TestRelays(t *testing.T) {
+	c, flags := admin(t)
+	c.relays = []controlplane.RelayInfo{{ID: "relay-a", ClusterAddr: "10.0.0.1:7444", Sessions: 12, LastSeen: time.Now()}}
+	out, err := ctl(t, flags, "relays")
+	if err != nil || !strings.Contains(out, "relay-a") || !strings.Contains(out, "10.0.0.1:7444") || !strings.Contains(out, "12") {
+		t.Fatalf("relays: %v\n%s", err, out)
+	}
+	out, err = ctl(t, flags, "relays", "--json")
+	var rs []controlplane.RelayInfo
+	if err != nil || json.Unmarshal([]byte(out), &rs) != nil || len(rs) != 1 || rs[0].Sessions != 12 {
+		t.Fatalf("relays --json: %v\n%s", err, out)
+	}
+}
