@@ -56,6 +56,14 @@ func (e *events) publish(ev controlplane.DeviceEvent) error {
 	return nil
 }
 
+// skip uses a seq without publishing: an event was lost, and relays
+// must see the gap.
+func (e *events) skip() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.seq++
+}
+
 // last returns the epoch and the seq of the last event published.
 func (e *events) last() (string, uint64) {
 	e.mu.Lock()

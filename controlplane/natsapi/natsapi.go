@@ -207,13 +207,9 @@ func (s *Service) enroll(ctx context.Context, r controlplane.EnrollRequest) (con
 	if err != nil {
 		return resp, err
 	}
-	rec, err := s.cfg.Store.Record(ctx, resp.DeviceID)
-	if err != nil {
-		// Enrolled all the same; relays learn of it from a snapshot.
-		s.log.Error("read enrolled device for its event", "device_id", resp.DeviceID, "err", err)
-		return resp, nil
-	}
-	s.publish(controlplane.DeviceEvent{Kind: controlplane.EventEnrolled, DeviceID: rec.ID, Device: &rec})
+	s.publishRecord(ctx, resp.DeviceID, func(rec controlplane.DeviceRecord) controlplane.DeviceEvent {
+		return controlplane.DeviceEvent{Kind: controlplane.EventEnrolled, DeviceID: rec.ID, Device: &rec}
+	})
 	return resp, nil
 }
 
@@ -249,12 +245,9 @@ func (s *Service) register(ctx context.Context, r controlplane.RegisterRequest) 
 	if err != nil {
 		return leases, err
 	}
-	rec, err := s.cfg.Store.Record(ctx, r.DeviceID)
-	if err != nil {
-		s.log.Error("read device leases for their event", "device_id", r.DeviceID, "err", err)
-		return leases, nil
-	}
-	s.publish(controlplane.DeviceEvent{Kind: controlplane.EventLeases, DeviceID: r.DeviceID, Generation: r.Generation, Leases: rec.Leases})
+	s.publishRecord(ctx, r.DeviceID, func(rec controlplane.DeviceRecord) controlplane.DeviceEvent {
+		return controlplane.DeviceEvent{Kind: controlplane.EventLeases, DeviceID: rec.ID, Generation: r.Generation, Leases: rec.Leases}
+	})
 	return leases, nil
 }
 
@@ -348,6 +341,19 @@ func (s *Service) publish(ev controlplane.DeviceEvent) {
 	if err := s.events.publish(ev); err != nil {
 		s.log.Error("device event lost", "kind", ev.Kind, "device_id", ev.DeviceID, "err", err)
 	}
+}
+
+// publishRecord publishes the event made of the device's record, read
+// after its change. If it cannot be read, the change stands and its event
+// is lost: its seq is skipped, so relays see the gap and take a snapshot.
+func (s *Service) publishRecord(ctx context.Context, id string, event func(controlplane.DeviceRecord) controlplane.DeviceEvent) {
+	rec, err := s.cfg.Store.Record(ctx, id)
+	if err != nil {
+		s.log.Error("device event lost: read the device's record", "device_id", id, "err", err)
+		s.events.skip()
+		return
+	}
+	s.publish(event(rec))
 }
 
 // sweep declares relays down that fell silent, until Stop.

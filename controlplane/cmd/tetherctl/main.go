@@ -109,47 +109,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		return tokenCreate(ctx, c, rest[1:], stdout, stderr)
 	case "devices":
-		asJSON, err := jsonFlag("devices", rest)
-		if err != nil {
-			return err
-		}
-		ds, err := c.Devices(ctx)
-		if err != nil {
-			return err
-		}
-		if asJSON {
-			return printJSON(stdout, ds)
-		}
-		printDevices(stdout, ds)
-		return nil
+		return list(ctx, rest, stdout, "devices", c.Devices, printDevices)
 	case "leases":
-		asJSON, err := jsonFlag("leases", rest)
-		if err != nil {
-			return err
-		}
-		ls, err := c.Leases(ctx)
-		if err != nil {
-			return err
-		}
-		if asJSON {
-			return printJSON(stdout, ls)
-		}
-		printLeases(stdout, ls)
-		return nil
+		return list(ctx, rest, stdout, "leases", c.Leases, printLeases)
 	case "relays":
-		asJSON, err := jsonFlag("relays", rest)
-		if err != nil {
-			return err
-		}
-		rs, err := c.Relays(ctx)
-		if err != nil {
-			return err
-		}
-		if asJSON {
-			return printJSON(stdout, rs)
-		}
-		printRelays(stdout, rs)
-		return nil
+		return list(ctx, rest, stdout, "relays", c.Relays, printRelays)
 	case "revoke":
 		if len(rest) != 1 {
 			return errors.New("usage: tetherctl revoke DEVICE")
@@ -198,13 +162,22 @@ func tokenCreate(ctx context.Context, c *httpapi.Client, args []string, stdout, 
 	return nil
 }
 
-func jsonFlag(name string, args []string) (bool, error) {
+// list prints what fetch returns, as a table or with --json as JSON.
+func list[T any](ctx context.Context, args []string, w io.Writer, name string, fetch func(context.Context) (T, error), table func(io.Writer, T)) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
-		return false, err
+		return err
 	}
-	return *asJSON, nil
+	v, err := fetch(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(w, v)
+	}
+	table(w, v)
+	return nil
 }
 
 func printJSON(w io.Writer, v any) error {
