@@ -3,9 +3,13 @@
 // messages that relays exchange with it over NATS.
 //
 // The adapters live in subpackages named after their technology: boltstore
-// keeps the state in bbolt, natsapi serves it to relays (and is the client
-// relays use), httpapi is the admin API behind tetherctl, and daemon wires
-// them into a running control plane.
+// keeps the state in bbolt, natsapi serves it to relays over NATS (and is
+// the client relays use), httpapi is the admin API behind tetherctl,
+// clusterca is the cluster's certificate authority, natsperm says which
+// NATS subjects each role may use, natsembed runs a NATS server in the
+// process, and daemon wires them into a running control plane.
+// controlplanetest runs one for tests. relay/cluster.md describes the
+// protocol between relays and the control plane.
 package controlplane
 
 import (

@@ -192,18 +192,24 @@ func (c *Client) Cert(ctx context.Context, req controlplane.CertRequest) (contro
 // within an epoch). Events published before Watch returns may be missed;
 // a relay compares seq with its snapshot's.
 func (c *Client) Watch(ctx context.Context, fn func(controlplane.DeviceEvent)) error {
-	sub, err := c.NC.Subscribe(controlplane.SubjectEvents, func(m *nats.Msg) {
+	return c.subscribe(ctx, controlplane.SubjectEvents, func(m *nats.Msg) {
 		var ev controlplane.DeviceEvent
 		if json.Unmarshal(m.Data, &ev) == nil {
 			fn(ev)
 		}
 	})
+}
+
+// subscribe calls cb for each message on subject until ctx ends, once the
+// server has the subscription.
+func (c *Client) subscribe(ctx context.Context, subject string, cb nats.MsgHandler) error {
+	sub, err := c.NC.Subscribe(subject, cb)
 	if err != nil {
-		return fmt.Errorf("subscribe %s: %w", controlplane.SubjectEvents, err)
+		return fmt.Errorf("subscribe %s: %w", subject, err)
 	}
 	if err := c.NC.Flush(); err != nil {
 		sub.Unsubscribe()
-		return fmt.Errorf("subscribe %s: %w", controlplane.SubjectEvents, err)
+		return fmt.Errorf("subscribe %s: %w", subject, err)
 	}
 	context.AfterFunc(ctx, func() { sub.Unsubscribe() })
 	return nil
@@ -219,7 +225,7 @@ func (c *Client) ServeRevocations(ctx context.Context, relayID string, apply fun
 		return err
 	}
 	subject := controlplane.RelaySubject(relayID, controlplane.RelayOpRevoke)
-	sub, err := c.NC.Subscribe(subject, func(m *nats.Msg) {
+	return c.subscribe(ctx, subject, func(m *nats.Msg) {
 		var n controlplane.RevokeNotice
 		err := json.Unmarshal(m.Data, &n)
 		if err != nil {
@@ -229,13 +235,4 @@ func (c *Client) ServeRevocations(ctx context.Context, relayID string, apply fun
 		}
 		m.Respond(reply(discard, subject, struct{}{}, err))
 	})
-	if err != nil {
-		return fmt.Errorf("subscribe %s: %w", subject, err)
-	}
-	if err := c.NC.Flush(); err != nil {
-		sub.Unsubscribe()
-		return fmt.Errorf("subscribe %s: %w", subject, err)
-	}
-	context.AfterFunc(ctx, func() { sub.Unsubscribe() })
-	return nil
 }
