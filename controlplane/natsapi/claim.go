@@ -96,13 +96,13 @@ func Claim(ctx context.Context, nc *nats.Conn, cfg ClaimConfig) (*Active, error)
 	if host == "" {
 		host = hostname()
 	}
-	b := make([]byte, 8)
-	rand.Read(b)
-	mine := controlplane.Claim{Instance: hex.EncodeToString(b), Host: host}
-
 	if err := waitConnected(ctx, nc, log); err != nil {
 		return nil, err
 	}
+	b := make([]byte, 8)
+	rand.Read(b)
+	// mine is never written again: the claim handler reads it.
+	mine := controlplane.Claim{Instance: hex.EncodeToString(b), Host: host, Started: now().UTC()}
 	var (
 		mu     sync.Mutex
 		active bool
@@ -160,9 +160,6 @@ func Claim(ctx context.Context, nc *nats.Conn, cfg ClaimConfig) (*Active, error)
 	if err := flush(ctx, nc); err != nil {
 		return fail(fmt.Errorf("register claim subscriptions: %w", err))
 	}
-	// Started is taken after the subscriptions are in place: a claim
-	// made later than ours reaches us.
-	mine.Started = now().UTC()
 	data, _ := json.Marshal(mine)
 	claim := func() error {
 		if err := nc.PublishRequest(controlplane.SubjectClaim, inbox, data); err != nil {
@@ -191,8 +188,9 @@ func Claim(ctx context.Context, nc *nats.Conn, cfg ClaimConfig) (*Active, error)
 		return nil, &ClaimError{Other: *rival}
 	}
 	active = true
-	mine.Active = true
-	return &Active{Claim: mine, sub: sub}, nil
+	won := mine
+	won.Active = true
+	return &Active{Claim: won, sub: sub}, nil
 }
 
 // waitConnected returns once nc is connected, or with ctx's error: a
