@@ -91,7 +91,7 @@ type Service struct {
 	events   *events
 	members  *members
 	nonces   *nonces
-	inflight sync.WaitGroup
+	handler  *handler
 	stop     chan struct{}
 	stopOnce sync.Once
 	sweeper  sync.WaitGroup
@@ -102,9 +102,9 @@ func (s *Service) Stop() error {
 	var err error
 	s.stopOnce.Do(func() {
 		err = s.svc.Stop()
+		s.handler.close()
 		close(s.stop)
 		s.sweeper.Wait()
-		s.inflight.Wait()
 	})
 	return err
 }
@@ -153,7 +153,8 @@ func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (*Service, err
 		nonces:  newNonces(cfg.NonceTTL, cfg.MaxNonces),
 	}
 	st := cfg.Store
-	h := &handler{log: log, sem: make(chan struct{}, maxConcurrent), inflight: &s.inflight}
+	h := &handler{log: log, sem: make(chan struct{}, maxConcurrent)}
+	s.handler = h
 	endpoints := map[string]micro.Handler{
 		controlplane.SubjectEnroll:   handle(h, s.enroll),
 		controlplane.SubjectConnect:  handle(h, s.connect),
@@ -385,20 +386,42 @@ func (s *Service) sweep() {
 	}
 }
 
-// handler runs each request in its own goroutine, bounded by sem.
+// handler runs each request in its own goroutine, bounded by sem. Once
+// closed, it answers that the control plane is unavailable: micro drains
+// its subscriptions on Stop, so requests may still arrive.
 type handler struct {
-	log      *slog.Logger
-	sem      chan struct{}
-	inflight *sync.WaitGroup
+	log *slog.Logger
+	sem chan struct{}
+
+	mu       sync.RWMutex
+	closed   bool
+	inflight sync.WaitGroup
+}
+
+// close refuses new requests and waits for those being handled.
+func (h *handler) close() {
+	h.mu.Lock()
+	h.closed = true
+	h.mu.Unlock()
+	h.inflight.Wait()
 }
 
 func handle[Req, Resp any](h *handler, fn func(context.Context, Req) (Resp, error)) micro.Handler {
 	return micro.HandlerFunc(func(r micro.Request) {
+		h.mu.RLock()
+		if h.closed {
+			h.mu.RUnlock()
+			r.Respond(reply(h.log, r.Subject(), nil, controlplane.Errorf(controlplane.KindUnavailable, "the control plane is stopping")))
+			return
+		}
+		h.inflight.Add(1)
+		h.mu.RUnlock()
 		h.sem <- struct{}{} // back-pressure: the subscription waits while all are busy
-		h.inflight.Go(func() {
+		go func() {
+			defer h.inflight.Done()
 			defer func() { <-h.sem }()
 			serve(h.log, r, fn)
-		})
+		}()
 	})
 }
 
