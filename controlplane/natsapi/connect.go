@@ -44,7 +44,11 @@ func ConnectOptions(auth Auth, role natsperm.Role, name string, log *slog.Logger
 				log.Warn("NATS disconnected", "err", err)
 			}
 		}),
+		nats.ConnectHandler(func(nc *nats.Conn) { log.Info("NATS connected", "server", nc.ConnectedUrlRedacted()) }),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "server", nc.ConnectedUrlRedacted()) }),
+		// A failed attempt, such as refused credentials, would otherwise
+		// go unseen while the client keeps trying.
+		nats.ReconnectErrHandler(func(nc *nats.Conn, err error) { log.Warn("NATS connection attempt failed", "err", err) }),
 		nats.ErrorHandler(func(nc *nats.Conn, sub *nats.Subscription, err error) {
 			attrs := []any{"err", err}
 			if sub != nil {
