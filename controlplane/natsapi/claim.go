@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -56,8 +57,9 @@ type Active struct {
 }
 
 // Release stops answering claims (when the control plane stops serving).
+// Releasing again, or after the connection closed, does nothing.
 func (a *Active) Release() error {
-	if err := a.sub.Unsubscribe(); err != nil && err != nats.ErrConnectionClosed {
+	if err := a.sub.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) && !errors.Is(err, nats.ErrBadSubscription) {
 		return fmt.Errorf("release control plane claim: %w", err)
 	}
 	return nil
