@@ -89,6 +89,11 @@ const (
 	// TypeStreamRefuse (agent→relay): the agent will not serve the stream;
 	// a code and a reason follow and the stream is closed.
 	TypeStreamRefuse Type = 34
+	// TypePeerOpen (relay→relay) is the first frame of a stream between two
+	// relays of a cluster: device ID, service name and public client
+	// address. The holding relay answers as an agent does (stream-accept or
+	// stream-refuse, passed on from the agent or its own).
+	TypePeerOpen Type = 35
 )
 
 // Errors returned by the decoders.
@@ -216,6 +221,8 @@ func newMessage(t Type) Message {
 		return new(StreamAccept)
 	case TypeStreamRefuse:
 		return new(StreamRefuse)
+	case TypePeerOpen:
+		return new(PeerOpen)
 	}
 	return &Unknown{T: t}
 }
@@ -226,6 +233,7 @@ var typeNames = map[Type]string{
 	TypeHeartbeat: "heartbeat", TypeHeartbeatAck: "heartbeat-ack",
 	TypeDrain: "drain", TypeError: "error", TypeStreamOpen: "stream-open",
 	TypeStreamAccept: "stream-accept", TypeStreamRefuse: "stream-refuse",
+	TypePeerOpen: "peer-open",
 }
 
 func (t Type) String() string {

@@ -41,6 +41,7 @@ func samples() map[string]Message {
 		"stream-open":   &StreamOpen{Service: "web", ClientAddr: "203.0.113.9:51234"},
 		"stream-accept": &StreamAccept{},
 		"stream-refuse": &StreamRefuse{Code: CodeDialFailed, Message: "dial tcp 127.0.0.1:3000: connection refused"},
+		"peer-open":     &PeerOpen{DeviceID: "dk3vq7x2m4n5p6r7s", Service: "web", ClientAddr: "[2001:db8::9]:51234"},
 	}
 }
 
@@ -77,14 +78,14 @@ func TestFrozenConstants(t *testing.T) {
 	frozen := map[Type]uint8{
 		TypeHello: 1, TypeChallenge: 2, TypeAuth: 3, TypeWelcome: 4, TypeRegister: 5,
 		TypeLeases: 6, TypeHeartbeat: 7, TypeHeartbeatAck: 8, TypeDrain: 9, TypeError: 10,
-		TypeStreamOpen: 32, TypeStreamAccept: 33, TypeStreamRefuse: 34,
+		TypeStreamOpen: 32, TypeStreamAccept: 33, TypeStreamRefuse: 34, TypePeerOpen: 35,
 	}
 	for typ, v := range frozen {
 		if uint8(typ) != v {
 			t.Errorf("%v = %d, frozen at %d", typ, uint8(typ), v)
 		}
 	}
-	if CodeDialFailed != 10 || CodeRevoked != 3 || Subprotocol != "tether.v1" || HeaderLen != 5 {
+	if CodeDialFailed != 10 || CodeRevoked != 3 || CodeNotHere != 11 || Subprotocol != "tether.v1" || HeaderLen != 5 {
 		t.Error("a frozen constant changed")
 	}
 }
@@ -126,6 +127,7 @@ func TestReadErrors(t *testing.T) {
 		{"field missing", []byte{byte(TypeHeartbeatAck), 0, 0, 0, 2, 1, 2}, ErrShort},
 		{"string too long", append([]byte{byte(TypeStreamOpen), 0, 0, 0, 2}, 0xff, 0xff), ErrInvalid},
 		{"too many services", append([]byte{byte(TypeRegister), 0, 0, 0, 2}, 0x01, 0x00), ErrInvalid},
+		{"peer-open without client address", []byte{byte(TypePeerOpen), 0, 0, 0, 5, 0, 1, 'd', 0, 0}, ErrShort},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

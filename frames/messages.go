@@ -98,6 +98,7 @@ const (
 	CodeTooManyStreams ErrorCode = 8  // stream cap reached
 	CodeUnknownService ErrorCode = 9  // no such registered service
 	CodeDialFailed     ErrorCode = 10 // the local service could not be reached
+	CodeNotHere        ErrorCode = 11 // (relay→relay) the relay does not hold the device; try another
 )
 
 var codeNames = map[ErrorCode]string{
@@ -105,7 +106,7 @@ var codeNames = map[ErrorCode]string{
 	CodeRevoked: "revoked", CodeSuperseded: "superseded", CodeInternal: "internal error",
 	CodeUnavailable: "unavailable", CodeConflict: "conflict",
 	CodeTooManyStreams: "too many streams", CodeUnknownService: "unknown service",
-	CodeDialFailed: "local service unreachable",
+	CodeDialFailed: "local service unreachable", CodeNotHere: "not here",
 }
 
 func (c ErrorCode) String() string {
@@ -142,6 +143,15 @@ type StreamRefuse struct {
 // Error makes *StreamRefuse usable as a Go error.
 func (e *StreamRefuse) Error() string { return e.Code.String() + ": " + e.Message }
 
+// PeerOpen (relay→relay) starts a stream between two relays of a cluster:
+// the relay that took the public connection asks the relay holding the
+// device's session to carry it on to the agent.
+type PeerOpen struct {
+	DeviceID   string // the device whose agent serves the stream (see DeviceID)
+	Service    string // registered service name, as in StreamOpen
+	ClientAddr string // public client's address, "ip:port", as in StreamOpen
+}
+
 // Unknown is a frame of a type this version does not know. Receivers skip it.
 type Unknown struct {
 	T       Type
@@ -161,6 +171,7 @@ func (*Error) Type() Type        { return TypeError }
 func (*StreamOpen) Type() Type   { return TypeStreamOpen }
 func (*StreamAccept) Type() Type { return TypeStreamAccept }
 func (*StreamRefuse) Type() Type { return TypeStreamRefuse }
+func (*PeerOpen) Type() Type     { return TypePeerOpen }
 func (u *Unknown) Type() Type    { return u.T }
 
 func (m *Hello) AppendPayload(b []byte) []byte {
@@ -319,6 +330,20 @@ func (m *StreamRefuse) parse(p []byte) error {
 	d := decoder{p: p}
 	m.Code = ErrorCode(d.u16())
 	m.Message = d.string()
+	return d.err
+}
+
+func (m *PeerOpen) AppendPayload(b []byte) []byte {
+	b = appendString(b, m.DeviceID)
+	b = appendString(b, m.Service)
+	return appendString(b, m.ClientAddr)
+}
+
+func (m *PeerOpen) parse(p []byte) error {
+	d := decoder{p: p}
+	m.DeviceID = d.string()
+	m.Service = d.string()
+	m.ClientAddr = d.string()
 	return d.err
 }
 
