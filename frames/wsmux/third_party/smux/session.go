@@ -185,30 +185,34 @@ func (s *Session) OpenStream() (*Stream, error) {
 
 	stream := newStream(sid, s.config.MaxFrameSize, s)
 
-	if _, err := s.writeControlFrame(newFrame(byte(s.config.Version), cmdSYN, sid)); err != nil {
-		return nil, err
-	}
-
+	// TETHER PATCH: register the stream before its SYN goes out. Upstream
+	// writes the SYN first, and a peer that answers at once (a PSH right
+	// after accepting) can be read by recvLoop before the stream is in
+	// s.streams: the data is dropped as "directed to a missing stream",
+	// the reader waits for ever and the peer's writer for a window update
+	// that never comes.
 	s.streamLock.Lock()
-	defer s.streamLock.Unlock()
 	select {
 	case <-s.chSocketReadError:
+		s.streamLock.Unlock()
 		return nil, s.socketReadError.Load().(error)
 	case <-s.chSocketWriteError:
+		s.streamLock.Unlock()
 		return nil, s.socketWriteError.Load().(error)
 	case <-s.die:
+		s.streamLock.Unlock()
 		return nil, io.ErrClosedPipe
 	default:
 		s.streams[sid] = stream
-		wrapper := &Stream{stream: stream}
-		// NOTE(x): disabled finalizer for issue #997
-		/*
-			runtime.SetFinalizer(wrapper, func(s *Stream) {
-				s.Close()
-			})
-		*/
-		return wrapper, nil
 	}
+	s.streamLock.Unlock()
+
+	if _, err := s.writeControlFrame(newFrame(byte(s.config.Version), cmdSYN, sid)); err != nil {
+		s.streamClosed(sid)
+		return nil, err
+	}
+	// NOTE(x): upstream's finalizer is disabled (issue #997).
+	return &Stream{stream: stream}, nil
 }
 
 // Open returns a generic ReadWriteCloser
