@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/tls"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -59,6 +61,11 @@ func New(cfg Config) (*Agent, error) {
 // boot before the network is up, are retried for ever with backoff.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.wg.Wait()
+	for _, u := range a.cfg.RelayURLs {
+		if strings.HasPrefix(u, "ws://") {
+			a.log.Warn("INSECURE: relay URL without TLS; the enrollment token and the session travel in cleartext (TETHER_INSECURE)", "relay", u)
+		}
+	}
 	id, err := a.loadIdentity(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -162,9 +169,13 @@ func (a *Agent) connect(ctx context.Context, id *identity, url string) (*conn, e
 		return nil, err
 	}
 	c := &conn{a: a, relay: url, mux: mux}
-	if err := c.handshake(dctx, id); err != nil {
+	// A relay that stalls the handshake must not delay shutdown: the
+	// deadlines on the control stream do not watch ctx.
+	stop := context.AfterFunc(dctx, c.close)
+	err = c.handshake(dctx, id)
+	if !stop() || err != nil {
 		c.close()
-		return nil, err
+		return nil, cmp.Or(err, dctx.Err())
 	}
 	return c, nil
 }

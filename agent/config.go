@@ -60,6 +60,9 @@ type Config struct {
 	// wss://). Nil means none; tether-agent passes
 	// http.ProxyFromEnvironment (HTTPS_PROXY, NO_PROXY).
 	Proxy func(*http.Request) (*url.URL, error)
+	// Insecure allows ws:// relay URLs (no TLS: the enrollment token and
+	// the session travel in cleartext). False refuses them.
+	Insecure bool
 	// Logger; nil discards.
 	Logger *slog.Logger
 	// OnLeases, if set, is called with the public names of the services
@@ -159,7 +162,7 @@ func (c *Config) setDefaults() error {
 		return errors.New("agent: no relay URL (TETHER_RELAY_URL)")
 	}
 	for i, u := range c.RelayURLs {
-		cu, err := connectURL(u)
+		cu, err := connectURL(u, c.Insecure)
 		if err != nil {
 			return err
 		}
@@ -174,8 +177,8 @@ func (c *Config) setDefaults() error {
 	if c.HeartbeatInterval == 0 {
 		c.HeartbeatInterval = 15 * time.Second
 	}
-	if c.HeartbeatInterval < time.Second {
-		return fmt.Errorf("agent: heartbeat interval %v is below 1s", c.HeartbeatInterval)
+	if c.HeartbeatInterval < time.Second || c.HeartbeatInterval > 10*time.Minute {
+		return fmt.Errorf("agent: heartbeat interval %v is outside 1s..10m", c.HeartbeatInterval)
 	}
 	if c.BackoffMax <= 0 {
 		c.BackoffMax = 30 * time.Second
@@ -193,10 +196,13 @@ func (c *Config) setDefaults() error {
 }
 
 // connectURL turns wss://host[:port][/] into the relay's session URL.
-func connectURL(raw string) (string, error) {
+func connectURL(raw string, insecure bool) (string, error) {
 	u, err := url.Parse(strings.TrimSpace(raw))
 	if err != nil || (u.Scheme != "wss" && u.Scheme != "ws") || u.Host == "" {
 		return "", fmt.Errorf("agent: relay URL %q: want wss://HOST[:PORT]", raw)
+	}
+	if u.Scheme == "ws" && !insecure {
+		return "", fmt.Errorf("agent: relay URL %q is ws:// (no TLS: the enrollment token would travel in cleartext); use wss://, or set TETHER_INSECURE=true on a closed test network", raw)
 	}
 	if u.Path == "" || u.Path == "/" {
 		u.Path = frames.ConnectPath

@@ -87,8 +87,10 @@ func TestSilentRelayIsDeadAfterThreeIntervals(t *testing.T) {
 		for d := range beats {
 			got = append(got, d)
 		}
-		if len(got) != 2 || got[0] != 15*time.Second || got[1] != 30*time.Second {
-			t.Fatalf("heartbeats at %v, want at 15s and 30s", got) // the third tick meets a closed session
+		// The third tick and the read deadline fall on the same instant:
+		// its heartbeat may or may not go out before the session closes.
+		if len(got) < 2 || len(got) > 3 || got[0] != 15*time.Second || got[1] != 30*time.Second || len(got) == 3 && got[2] != 45*time.Second {
+			t.Fatalf("heartbeats at %v, want at 15s, 30s (and maybe 45s)", got)
 		}
 		a.wg.Wait()
 	})

@@ -109,6 +109,30 @@ func (a *Agent) loadIdentity(ctx context.Context) (*identity, error) {
 	}
 }
 
+// enrollAnswerError classifies a failed enrollment answer. Only the
+// relay's own refusal (a 4xx with its JSON error body, other than 408, 425
+// and 429) is final (*EnrollError); a redirect is never followed (the token
+// goes to the relay itself only), and anything else (a proxy's or load
+// balancer's page, a 5xx) is retried.
+func enrollAnswerError(resp *http.Response, data []byte) error {
+	if loc := resp.Header.Get("Location"); resp.StatusCode >= 300 && resp.StatusCode < 400 {
+		return fmt.Errorf("relay answered enrollment with a redirect (HTTP %d to %q), which the agent does not follow: set TETHER_RELAY_URL to the relay itself", resp.StatusCode, loc)
+	}
+	var e frames.HTTPError
+	fromRelay := json.Unmarshal(data, &e) == nil && e.Error != ""
+	switch resp.StatusCode {
+	case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests:
+		fromRelay = false
+	}
+	if fromRelay && resp.StatusCode >= 400 && resp.StatusCode < 500 {
+		return &EnrollError{Status: resp.StatusCode, Message: e.Error}
+	}
+	if e.Error == "" {
+		e.Error = http.StatusText(resp.StatusCode)
+	}
+	return fmt.Errorf("relay answered enrollment with HTTP %d: %q", resp.StatusCode, e.Error)
+}
+
 // checkEnrollment refuses an answer that does not describe this device:
 // the ID must derive from its key and the name follow the grammar.
 func checkEnrollment(resp frames.EnrollResponse, id *identity) error {
@@ -149,15 +173,10 @@ func (a *Agent) enroll(ctx context.Context, url string, req frames.EnrollRequest
 		return out, fmt.Errorf("read enrollment answer: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		var e frames.HTTPError
-		json.Unmarshal(data, &e)
-		if e.Error == "" {
-			e.Error = http.StatusText(resp.StatusCode)
-		}
-		if resp.StatusCode >= 400 && resp.StatusCode < 500 && resp.StatusCode != http.StatusTooManyRequests {
-			return out, &EnrollError{Status: resp.StatusCode, Message: e.Error}
-		}
-		return out, fmt.Errorf("relay answered HTTP %d: %s", resp.StatusCode, e.Error)
+		return out, enrollAnswerError(resp, data)
+	}
+	if len(data) == maxEnrollAnswer {
+		return out, fmt.Errorf("enrollment answer is larger than %d bytes", maxEnrollAnswer)
 	}
 	if err := json.Unmarshal(data, &out); err != nil {
 		return out, fmt.Errorf("decode enrollment answer: %w", err)

@@ -11,9 +11,25 @@ import (
 )
 
 // CheckNames reports whether this package names spec's settings as
-// envconfig itself does (through envconfig's Usage). Call it from a test
-// of each binary: binaries do not link it, nor text/template.
+// envconfig itself does (through envconfig's Usage), and whether Known
+// lists them all. Call it from a test of each binary: binaries do not link
+// it, nor text/template.
 func CheckNames(spec any) error {
+	ours, err := envconfigNames(spec)
+	if err != nil {
+		return err
+	}
+	for _, env := range ours {
+		if !known(env) {
+			return fmt.Errorf("spec %T: %s is missing from frames/cli.Known", spec, env)
+		}
+	}
+	return nil
+}
+
+// envconfigNames returns spec's variable names after checking that they
+// are envconfig's.
+func envconfigNames(spec any) ([]string, error) {
 	var theirs []string
 	collect := func(info any) string {
 		theirs = append(theirs, reflect.ValueOf(info).FieldByName("Key").String())
@@ -21,18 +37,18 @@ func CheckNames(spec any) error {
 	}
 	t := template.Must(template.New("names").Funcs(template.FuncMap{"collect": collect}).Parse(`{{range .}}{{collect .}}{{end}}`))
 	if err := envconfig.Usaget(Prefix, spec, io.Discard, t); err != nil {
-		return fmt.Errorf("envconfig: %w", err)
+		return nil, fmt.Errorf("envconfig: %w", err)
 	}
 	all, err := settings(spec)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var ours []string
 	for _, s := range all {
 		ours = append(ours, s.env)
 	}
 	if !slices.Equal(ours, theirs) {
-		return fmt.Errorf("spec %T: cli names %v, envconfig names %v", spec, ours, theirs)
+		return nil, fmt.Errorf("spec %T: cli names %v, envconfig names %v", spec, ours, theirs)
 	}
-	return nil
+	return ours, nil
 }

@@ -40,6 +40,7 @@ var ErrHelp = errors.New("help shown")
 
 // setting is one field of a spec, as envconfig names it.
 type setting struct {
+	name      string // the struct field
 	env, flag string // TETHER_RELAY_URL, relay-url
 	field     reflect.Value
 	tags      reflect.StructTag
@@ -76,6 +77,7 @@ func settings(spec any) ([]setting, error) {
 		}
 		key = strings.ToUpper(Prefix + "_" + key)
 		out = append(out, setting{
+			name:  f.Name,
 			env:   key,
 			flag:  strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(key, Prefix+"_")), "_", "-"),
 			field: v.Field(i),
@@ -177,14 +179,17 @@ func ParseCommand(name, version, about string, spec any, args []string, stdout i
 }
 
 // process runs envconfig over spec, then sets the flags' values over it
-// and checks the required settings: a required setting may come from its
-// flag, which envconfig cannot know, so envconfig processes a copy of the
-// spec's type without `required` tags.
+// and checks the required settings. envconfig processes a copy of the
+// spec's type whose fields are tagged with their full variable names and
+// no `required`: a required setting may come from its flag, which
+// envconfig cannot know, and a full name keeps envconfig from falling back
+// to the unprefixed one (NATS_URL for TETHER_NATS_URL), which belongs to
+// other programs.
 func process(spec any, all []setting, flags map[string]string) error {
 	v := reflect.ValueOf(spec).Elem()
-	shadow := reflect.New(withoutRequired(v.Type()))
+	shadow := reflect.New(shadowType(v.Type(), all))
 	shadow.Elem().Set(v.Convert(shadow.Elem().Type()))
-	if err := envconfig.Process(Prefix, shadow.Interface()); err != nil {
+	if err := envconfig.Process("", shadow.Interface()); err != nil {
 		var pe *envconfig.ParseError
 		if errors.As(err, &pe) {
 			return fmt.Errorf("%s=%q: %v", pe.KeyName, pe.Value, pe.Err)
@@ -206,15 +211,19 @@ func process(spec any, all []setting, flags map[string]string) error {
 	return nil
 }
 
-// withoutRequired is t with the `required` tag removed from its fields.
-func withoutRequired(t reflect.Type) reflect.Type {
+// shadowType is t with each setting's field tagged with its full variable
+// name, its default and its description, and nothing else.
+func shadowType(t reflect.Type, all []setting) reflect.Type {
 	fields := make([]reflect.StructField, t.NumField())
 	for i := range fields {
 		f := t.Field(i)
-		var tag []string
-		for _, k := range []string{"envconfig", "split_words", "default", "desc", "ignored"} {
-			if val, ok := f.Tag.Lookup(k); ok {
-				tag = append(tag, k+":"+strconv.Quote(val))
+		tag := []string{`ignored:"true"`}
+		if j := slices.IndexFunc(all, func(s setting) bool { return s.name == f.Name }); j >= 0 {
+			tag = []string{"envconfig:" + strconv.Quote(all[j].env)}
+			for _, k := range []string{"default", "desc"} {
+				if val, ok := f.Tag.Lookup(k); ok {
+					tag = append(tag, k+":"+strconv.Quote(val))
+				}
 			}
 		}
 		f.Tag = reflect.StructTag(strings.Join(tag, " "))
@@ -254,13 +263,13 @@ func set(f reflect.Value, raw string) error {
 	return nil
 }
 
-// unknown lists the TETHER_* variables of the environment that no setting
-// names, each with the closest known name.
+// unknown lists the TETHER_* variables of the environment that are no
+// setting of any Tether binary, each with the closest setting of this one.
 func unknown(all []setting) []Unknown {
 	var out []Unknown
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
-		if !strings.HasPrefix(k, Prefix+"_") || slices.ContainsFunc(all, func(s setting) bool { return s.env == k }) {
+		if !strings.HasPrefix(k, Prefix+"_") || known(k) || slices.ContainsFunc(all, func(s setting) bool { return s.env == k }) {
 			continue
 		}
 		u := Unknown{Var: k}

@@ -62,6 +62,7 @@ func TestUnknownVariablesAreWarnedAbout(t *testing.T) {
 	t.Setenv("TETHER_NAME", "a")
 	t.Setenv("TETHER_NAEM", "typo")
 	t.Setenv("TETHER_RELAY_SERVICE_HOST", "10.0.0.1") // a Kubernetes service link
+	t.Setenv("TETHER_ADMIN_URL", "http://cp")         // a setting of another binary: no warning
 	var s testSpec
 	unknown, err := Parse("x", "v1", "about", &s, nil, nil)
 	if err != nil {
@@ -161,8 +162,27 @@ func TestNamesAreEnvconfigs(t *testing.T) {
 		X509Cert       string `split_words:"true"`
 	}
 	for _, spec := range []any{&testSpec{}, &shapes{}} {
-		if err := CheckNames(spec); err != nil {
+		if _, err := envconfigNames(spec); err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// TestNoUnprefixedFallback: envconfig reads NATS_URL for a field tagged
+// envconfig:"NATS_URL" when TETHER_NATS_URL is unset; that variable belongs
+// to other programs (the nats CLI) and must not switch a relay to cluster
+// mode.
+func TestNoUnprefixedFallback(t *testing.T) {
+	cleanEnv(t)
+	t.Setenv("NATS_URL", "nats://elsewhere:4222")
+	var s struct {
+		NATSURL string `envconfig:"NATS_URL" desc:"external NATS"`
+	}
+	if _, err := Parse("x", "v1", "about", &s, nil, nil); err != nil || s.NATSURL != "" {
+		t.Fatalf("NATSURL = %q (%v), want empty", s.NATSURL, err)
+	}
+	t.Setenv("TETHER_NATS_URL", "nats://here:4222")
+	if _, err := Parse("x", "v1", "about", &s, nil, nil); err != nil || s.NATSURL != "nats://here:4222" {
+		t.Fatalf("NATSURL = %q (%v)", s.NATSURL, err)
 	}
 }

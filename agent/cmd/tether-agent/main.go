@@ -40,6 +40,7 @@ type spec struct {
 	Services          string        `split_words:"true" required:"true" desc:"web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22"`
 	RelayCA           string        `split_words:"true" desc:"PEM file of the CA to trust for the relay (self-hosted/dev); empty: system roots"`
 	HeartbeatInterval time.Duration `split_words:"true" default:"15s" desc:"heartbeat period; the relay is declared dead after 3 silent intervals"`
+	Insecure          bool          `split_words:"true" desc:"allow ws:// relay URLs (no TLS; the enrollment token travels in cleartext): closed test networks only"`
 	LogFormat         string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
 	LogLevel          string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
@@ -112,6 +113,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		RootCAs:           roots,
 		HeartbeatInterval: s.HeartbeatInterval,
 		Proxy:             http.ProxyFromEnvironment,
+		Insecure:          s.Insecure,
 		Version:           version,
 		Logger:            log,
 	})

@@ -1,0 +1,27 @@
+package cli
+
+import "slices"
+
+// Known lists the settings of every Tether binary (without the TETHER_
+// prefix). A variable of another binary is not warned about: operators
+// share one env file between tetherctl and the daemons. Each binary's
+// TestSpecNames (CheckNames) fails when one of its settings is missing
+// here.
+var Known = []string{
+	// shared
+	"DATA_DIR", "DOMAIN", "LOG_FORMAT", "LOG_LEVEL", "OPS_ADDR", "TCP_PORTS",
+	"ADMIN_ADDR", "ADMIN_TOKEN", "ADMIN_TOKEN_FILE", "INSECURE",
+	"NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_PASSWORD_FILE", "NATS_CREDS", "NATS_CA",
+	// tether-relay
+	"HTTP_ADDR", "HTTPS_ADDR", "TLS_CERT", "TLS_KEY", "TCP_HOST", "RELAY_ID",
+	"CLUSTER_ADDR", "DRAIN_WINDOW", "PUBLIC_NAMES",
+	// tether-controlplane
+	"CLAIM_WAIT", "CERT_DOMAINS",
+	// tether-agent
+	"RELAY_URL", "ENROLL_TOKEN", "ENROLL_TOKEN_FILE", "STATE_DIR", "DEVICE_NAME",
+	"SERVICES", "RELAY_CA", "HEARTBEAT_INTERVAL",
+	// tetherctl
+	"ADMIN_URL",
+}
+
+func known(env string) bool { return slices.Contains(Known, env[len(Prefix)+1:]) }
