@@ -169,4 +169,3 @@ func TestReconnectBackoff(t *testing.T) {
 		}
 	})
 }
-

@@ -17,11 +17,13 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/tetherfleet/tether/agent"
+	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/cli"
 )
 
@@ -113,9 +115,13 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		RootCAs:           roots,
 		HeartbeatInterval: s.HeartbeatInterval,
 		Proxy:             http.ProxyFromEnvironment,
-		Insecure:          s.Insecure,
-		Version:           version,
-		Logger:            log,
+		// Each time the relay assigns names the session is up: give the
+		// memory of the TLS handshake and enrollment back to the OS, so an
+		// idle agent stays small on a Pi Zero.
+		OnLeases: func([]frames.Lease) { debug.FreeOSMemory() },
+		Insecure: s.Insecure,
+		Version:  version,
+		Logger:   log,
 	})
 	if err != nil {
 		return err
