@@ -30,7 +30,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -55,6 +57,10 @@ type Config struct {
 	RelayID string
 	// Domain is the base domain of service hostnames. Empty means "localhost".
 	Domain string
+	// PublicNames are the relay's own hostnames: a request to one of them
+	// is for the relay (its agent endpoints), never for a lease. Nil means
+	// none.
+	PublicNames []string
 	// ControlPlane authorises sessions and allocates leases. Required.
 	ControlPlane ControlPlane
 	// TCPHost is the address TCP lease listeners bind to. Empty means all
@@ -108,6 +114,15 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("relay: %w", err)
 	}
 	cfg.Domain = strings.ToLower(strings.TrimSuffix(cmp.Or(cfg.Domain, "localhost"), "."))
+	names := make([]string, 0, len(cfg.PublicNames))
+	for _, n := range cfg.PublicNames {
+		n = strings.ToLower(strings.TrimSuffix(n, "."))
+		if err := validHostname(n); err != nil {
+			return nil, fmt.Errorf("relay: public name: %w", err)
+		}
+		names = append(names, n)
+	}
+	cfg.PublicNames = names
 	cfg.MaxStreamsPerSession = cmp.Or(cfg.MaxStreamsPerSession, 1024)
 	cfg.MaxIdleStreams = cmp.Or(cfg.MaxIdleStreams, 256)
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
@@ -163,7 +178,7 @@ func (s *Server) PublicHTTPHandler() http.Handler { return s.handler("http", fal
 // everything else as public HTTP.
 func (s *Server) handler(scheme string, agents bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, leaseName := s.label(r.Host); agents && !leaseName {
+		if _, leaseName := s.label(r.Host); agents && (!leaseName || s.ownName(r.Host)) {
 			switch r.URL.Path {
 			case frames.ConnectPath:
 				s.serveAgent(w, r)
@@ -175,6 +190,29 @@ func (s *Server) handler(scheme string, agents bool) http.Handler {
 		}
 		s.servePublic(w, r, scheme)
 	})
+}
+
+// ownName reports whether host (with or without a port) is one of the
+// relay's public names.
+func (s *Server) ownName(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	return slices.Contains(s.cfg.PublicNames, strings.ToLower(strings.TrimSuffix(host, ".")))
+}
+
+// validHostname checks a DNS host name: labels of a-z, 0-9 and inner '-',
+// 1 to 63 long, 253 in all.
+func validHostname(name string) error {
+	if name == "" || len(name) > 253 {
+		return fmt.Errorf("%q: not a host name (1 to 253 characters)", name)
+	}
+	for label := range strings.SplitSeq(name, ".") {
+		if controlplane.ValidRelayID(label) != nil { // one DNS label: the same grammar
+			return fmt.Errorf("%q: label %q is not a DNS label (1-63 of a-z, 0-9, inner '-')", name, label)
+		}
+	}
+	return nil
 }
 
 // Hostname returns the public hostname of a lease label.

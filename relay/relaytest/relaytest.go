@@ -30,6 +30,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/daemon"
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/natsembed"
+	"github.com/tetherfleet/tether/controlplane/natsperm"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/devca"
 )
@@ -79,12 +80,12 @@ func Start(t testing.TB, opts Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.NATS.Shutdown)
-	if e.cpNC, err = e.NATS.Connect("controlplane"); err != nil {
+	if e.cpNC, err = e.NATS.ConnectAs(natsperm.ControlPlane, "controlplane"); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.cpNC.Close)
 	e.CP, err = daemon.Start(context.Background(), e.cpNC, daemon.Config{
-		DataDir: e.DataDir, TCPPorts: e.TCPPorts, Domain: e.Domain, Logger: e.Logger.With("component", "controlplane"),
+		DataDir: e.DataDir, TCPPorts: e.TCPPorts, Domain: e.Domain, ClaimWait: 50 * time.Millisecond, Logger: e.Logger.With("component", "controlplane"),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -179,7 +180,7 @@ func (e *Env) AddRelay(id string) *Node {
 func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string, reg prometheus.Registerer) (*relay.Server, *nats.Conn, []*http.Server) {
 	t := e.T
 	t.Helper()
-	nc, err := e.NATS.Connect("relay " + id)
+	nc, err := e.NATS.ConnectAs(natsperm.Relay, "relay "+id)
 	if err != nil {
 		t.Fatal(err)
 	}

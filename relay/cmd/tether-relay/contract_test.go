@@ -176,6 +176,11 @@ func TestContract(t *testing.T) {
 		if badRelay.ExitCode() != 1 || !strings.Contains(badRelay.Stderr(), "not-a-range") {
 			t.Fatalf("relay with TETHER_TCP_PORTS=not-a-range: status %d: %s", badRelay.ExitCode(), badRelay.Stderr())
 		}
+		badID := start(t, bin, "tether-relay", append(otherAddrs(t, relayEnv), "TETHER_DATA_DIR="+t.TempDir(), "TETHER_RELAY_ID=Relay_1")...)
+		waitExit(t, badID, 10*time.Second)
+		if badID.ExitCode() != 1 || !strings.Contains(badID.Stderr(), "TETHER_RELAY_ID") || !strings.Contains(badID.Stderr(), "Relay_1") {
+			t.Fatalf("relay with TETHER_RELAY_ID=Relay_1: status %d: %s", badID.ExitCode(), badID.Stderr())
+		}
 		// An unknown variable is warned about, naming the closest known
 		// one, and the agent goes on: this one, never enrolled and given
 		// no token, then stops with status 4, not 1.

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/daemon"
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/natsembed"
+	"github.com/tetherfleet/tether/controlplane/natsperm"
 	"github.com/tetherfleet/tether/controlplane/ops"
 	"github.com/tetherfleet/tether/frames/cli"
 	"github.com/tetherfleet/tether/relay"
@@ -38,24 +40,30 @@ public users reach device services at https://SERVICE-DEVICE.<domain> and on lea
 Standalone (embedded NATS and control plane) unless TETHER_NATS_URL is set.`
 
 type spec struct {
-	Domain         string        `split_words:"true" default:"localhost" desc:"base domain for service hostnames (SERVICE-DEVICE.<domain>)"`
-	HTTPAddr       string        `split_words:"true" default:":8080" desc:"public plain-HTTP listener"`
-	HTTPSAddr      string        `split_words:"true" default:":8443" desc:"public HTTPS and agent wss listener"`
-	TLSCert        string        `split_words:"true" desc:"certificate file (PEM); empty: a dev CA in the data dir signs one"`
-	TLSKey         string        `split_words:"true" desc:"key file of TLS_CERT"`
-	TCPPorts       string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
-	TCPHost        string        `split_words:"true" desc:"address TCP lease listeners bind; empty: all interfaces"`
-	DataDir        string        `split_words:"true" default:"./tether-data" desc:"bbolt files, dev CA, generated secrets"`
-	NATSURL        string        `envconfig:"NATS_URL" desc:"external NATS (cluster mode); empty: embedded NATS and control plane"`
-	RelayID        string        `split_words:"true" desc:"this relay's name in the cluster; empty: the hostname"`
-	ClusterAddr    string        `split_words:"true" default:"127.0.0.1:7444" desc:"relay-to-relay listener (reserved: cross-relay forwarding is not in this release)"`
-	AdminAddr      string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
-	AdminToken     string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
-	AdminTokenFile string        `split_words:"true" desc:"file holding the admin token"`
-	OpsAddr        string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
-	DrainWindow    time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
-	LogFormat      string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
-	LogLevel       string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	Domain           string        `split_words:"true" default:"localhost" desc:"base domain for service hostnames (SERVICE-DEVICE.<domain>)"`
+	HTTPAddr         string        `split_words:"true" default:":8080" desc:"public plain-HTTP listener"`
+	HTTPSAddr        string        `split_words:"true" default:":8443" desc:"public HTTPS and agent wss listener"`
+	TLSCert          string        `split_words:"true" desc:"certificate file (PEM); empty: a dev CA in the data dir signs one"`
+	TLSKey           string        `split_words:"true" desc:"key file of TLS_CERT"`
+	TCPPorts         string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
+	TCPHost          string        `split_words:"true" desc:"address TCP lease listeners bind; empty: all interfaces"`
+	DataDir          string        `split_words:"true" default:"./tether-data" desc:"bbolt files, dev CA, generated secrets"`
+	NATSURL          string        `envconfig:"NATS_URL" desc:"external NATS server(s), comma-separated (cluster mode); empty: embedded NATS and control plane"`
+	NATSUser         string        `envconfig:"NATS_USER" desc:"NATS user (relay in relay/deploy/nats.conf)"`
+	NATSPassword     string        `envconfig:"NATS_PASSWORD" desc:"NATS password"`
+	NATSPasswordFile string        `envconfig:"NATS_PASSWORD_FILE" desc:"file holding the NATS password"`
+	NATSCreds        string        `envconfig:"NATS_CREDS" desc:"NATS .creds file (instead of user and password)"`
+	NATSCA           string        `envconfig:"NATS_CA" desc:"PEM file of the CA of the NATS servers' TLS certificates"`
+	RelayID          string        `split_words:"true" desc:"this relay's name in the cluster, one DNS label (a-z, 0-9, inner -); empty: the hostname up to its first dot, lower-cased"`
+	PublicNames      string        `split_words:"true" desc:"comma-separated hostnames of this relay itself: its certificate covers them, and they are never leased to a device"`
+	ClusterAddr      string        `split_words:"true" default:"127.0.0.1:7444" desc:"relay-to-relay listener, advertised to peers (cluster mode only)"`
+	AdminAddr        string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
+	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
+	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
+	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
+	LogFormat        string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
 
 func main() {
@@ -85,10 +93,14 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if s.RelayID == "" {
-		s.RelayID, _ = os.Hostname()
+	if s.RelayID, err = relayID(s.RelayID, os.Hostname); err != nil {
+		return err
 	}
+	names := splitList(s.PublicNames)
 	if s.AdminToken, err = cli.Secret(s.AdminToken, s.AdminTokenFile); err != nil {
+		return err
+	}
+	if s.NATSPassword, err = cli.Secret(s.NATSPassword, s.NATSPasswordFile); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(s.DataDir, 0o700); err != nil {
@@ -113,24 +125,28 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 			return err
 		}
 		closers = append(closers, ns.Shutdown)
-		cpNC, err := ns.Connect("controlplane")
+		cpNC, err := ns.ConnectAs(natsperm.ControlPlane, "controlplane")
 		if err != nil {
 			return err
 		}
 		closers = append(closers, func() { cpNC.Drain() })
 		// The control plane outlives the signal: the relay reports its
 		// sessions ended to it while shutting down; cp.Close stops it last.
-		cp, err = daemon.Start(context.Background(), cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version, Logger: log.With("component", "controlplane")})
+		// The embedded NATS server is this process's own: no other control
+		// plane can be on it, so there is nothing to listen for.
+		cp, err = daemon.Start(context.Background(), cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken,
+			Domain: s.Domain, Version: version, ClaimWait: time.Millisecond, Logger: log.With("component", "controlplane")})
 		if err != nil {
 			return err
 		}
 		closers = append(closers, func() { cp.Close() })
-		if relayNC, err = ns.Connect("relay " + s.RelayID); err != nil {
+		if relayNC, err = ns.ConnectAs(natsperm.Relay, "relay "+s.RelayID); err != nil {
 			return err
 		}
 	} else {
-		if relayNC, err = nats.Connect(s.NATSURL, nats.Name("relay "+s.RelayID), nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true)); err != nil {
-			return fmt.Errorf("connect to NATS %s: %w", s.NATSURL, err)
+		auth := natsapi.Auth{User: s.NATSUser, Password: s.NATSPassword, CredsFile: s.NATSCreds, CAFile: s.NATSCA}
+		if relayNC, err = natsapi.Connect(s.NATSURL, auth, natsperm.Relay, "relay "+s.RelayID, log.With("component", "nats")); err != nil {
+			return err
 		}
 	}
 	closers = append(closers, func() { relayNC.Drain() })
@@ -138,7 +154,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rl, err := relay.New(relay.Config{
-		RelayID: s.RelayID, Domain: s.Domain, ControlPlane: &natsapi.Client{NC: relayNC},
+		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: &natsapi.Client{NC: relayNC},
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
 	})
 	if err != nil {
@@ -218,6 +234,38 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	log.Info("relay stopped")
 	return failed
+}
+
+// relayID returns the configured relay ID after checking it, or else the
+// host name up to its first dot, lower-cased: a relay ID is one DNS label
+// (it names NATS subjects and the relay's peer certificate).
+func relayID(configured string, hostname func() (string, error)) (string, error) {
+	if configured != "" {
+		if err := controlplane.ValidRelayID(configured); err != nil {
+			return "", fmt.Errorf("TETHER_RELAY_ID: %w", err)
+		}
+		return configured, nil
+	}
+	host, err := hostname()
+	if err != nil {
+		return "", fmt.Errorf("TETHER_RELAY_ID is empty and the host name is unknown (%w): set TETHER_RELAY_ID", err)
+	}
+	id, _, _ := strings.Cut(strings.ToLower(host), ".")
+	if err := controlplane.ValidRelayID(id); err != nil {
+		return "", fmt.Errorf("TETHER_RELAY_ID is empty and the host name %q makes no relay ID (%w): set TETHER_RELAY_ID", host, err)
+	}
+	return id, nil
+}
+
+// splitList splits a comma-separated setting, dropping blanks.
+func splitList(s string) []string {
+	var out []string
+	for part := range strings.SplitSeq(s, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			out = append(out, part)
+		}
+	}
+	return out
 }
 
 type namedServer struct {
