@@ -1,6 +1,7 @@
 // Package relaytest runs a complete Tether server in-process for tests and
 // benchmarks: an embedded NATS server, a control plane on bbolt in a temp
-// dir, and a relay on loopback listeners with a dev CA. RawAgent speaks the
+// dir, and a relay on loopback listeners whose certificates come from the
+// control plane's cluster CA. RawAgent speaks the
 // agent's side of the protocol frame by frame, for tests of what a real
 // agent never does.
 //
@@ -19,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -48,7 +50,7 @@ type Env struct {
 	T        testing.TB
 	DataDir  string
 	Domain   string
-	CA       *devca.CA
+	CA       *devca.CA // the cluster root (the control plane's ca.pem), which agents trust
 	TCPPorts controlplane.PortRange
 	NATS     *natsembed.Server
 	CP       *daemon.Daemon
@@ -73,9 +75,6 @@ func Start(t testing.TB, opts Options) *Env {
 	}
 	e.TCPPorts = FreePortRange(t, 16)
 	var err error
-	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
-		t.Fatal(err)
-	}
 	if e.NATS, err = natsembed.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -91,6 +90,11 @@ func Start(t testing.TB, opts Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.CP.Close() })
+	// The control plane's cluster root, which every relay's certificates
+	// chain to (its key too: tests may issue with it).
+	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
+		t.Fatal(err)
+	}
 	e.httpsAddr, e.httpAddr = "127.0.0.1:0", "127.0.0.1:0"
 	e.StartRelay()
 	t.Cleanup(e.StopRelay)
@@ -204,10 +208,14 @@ func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string, reg prometheus.
 	if err := rl.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	tlsConf, err := e.CA.TLSConfig(e.Domain, []string{"localhost", "127.0.0.1"})
+	certs, err := relay.LoadCerts(context.Background(), relay.CertConfig{
+		RelayID: id, DataDir: filepath.Join(e.DataDir, "relays", id), ControlPlane: &natsapi.Client{NC: nc}, Public: true,
+		Domain: e.Domain, Hosts: []string{"127.0.0.1"}, Logger: cfg.Logger,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	tlsConf := certs.TLS
 	https := e.listen(httpsAddr)
 	http1 := e.listen(httpAddr)
 	hs := &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
@@ -277,7 +285,7 @@ func (e *Env) Token(uses int) string {
 	return tok
 }
 
-// Client returns an HTTP client that trusts the dev CA and sends every
+// Client returns an HTTP client that trusts the cluster root and sends every
 // request to the relay, whatever the URL's host (as DNS for *.localhost would).
 func (e *Env) Client() *http.Client {
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {

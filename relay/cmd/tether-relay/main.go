@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -30,7 +31,6 @@ import (
 	"github.com/tetherfleet/tether/controlplane/ops"
 	"github.com/tetherfleet/tether/frames/cli"
 	"github.com/tetherfleet/tether/relay"
-	"github.com/tetherfleet/tether/relay/devca"
 )
 
 var version = "dev"
@@ -151,10 +151,16 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	closers = append(closers, func() { relayNC.Drain() })
 
+	cpClient := &natsapi.Client{NC: relayNC}
+	tlsConf, certs, err := certificates(ctx, s, cpClient, names, log.With("component", "relay"))
+	if err != nil {
+		return err
+	}
+
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rl, err := relay.New(relay.Config{
-		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: &natsapi.Client{NC: relayNC},
+		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
 	})
 	if err != nil {
@@ -167,10 +173,6 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 
-	tlsConf, caPath, err := tlsConfig(s)
-	if err != nil {
-		return err
-	}
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 	servers = append(servers,
 		&namedServer{name: "https", addr: s.HTTPSAddr, srv: &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
@@ -205,9 +207,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	for _, ns := range servers {
 		attrs = append(attrs, ns.name, ns.ln.Addr().String())
 	}
-	if caPath != "" {
-		attrs = append(attrs, "dev_ca", caPath)
-	}
+	attrs = append(attrs, "ca", certs.RootPath, "certificates_kept", certs.Kept)
 	log.Info("relay started", attrs...)
 	if cp != nil {
 		if cp.TokenGenerated {
@@ -274,24 +274,25 @@ type namedServer struct {
 	ln         net.Listener
 }
 
-// tlsConfig loads the certificate files, or issues a certificate from the
-// data dir's dev CA when none are given.
-func tlsConfig(s spec) (*tls.Config, string, error) {
-	if s.TLSCert != "" || s.TLSKey != "" {
-		cert, err := tls.LoadX509KeyPair(s.TLSCert, s.TLSKey)
-		if err != nil {
-			return nil, "", fmt.Errorf("load TLS certificate: %w", err)
-		}
-		return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, "", nil
-	}
-	ca, err := devca.LoadOrCreate(s.DataDir)
+// certificates returns the public listener's TLS config and the relay's
+// certificates from the cluster CA: the peer certificate always, and
+// without certificate files an intermediate CA that issues the public
+// ones (see relay.LoadCerts).
+func certificates(ctx context.Context, s spec, cp relay.Certifier, names []string, log *slog.Logger) (*tls.Config, *relay.Certs, error) {
+	files := s.TLSCert != "" || s.TLSKey != ""
+	certs, err := relay.LoadCerts(ctx, relay.CertConfig{
+		RelayID: s.RelayID, DataDir: s.DataDir, ControlPlane: cp, Public: !files,
+		Domain: s.Domain, Hosts: append(slices.Clone(names), relay.ListenHosts(s.HTTPSAddr)...), Logger: log,
+	})
 	if err != nil {
-		return nil, "", err
+		return nil, nil, err
 	}
-	hosts := []string{s.Domain, "localhost", "127.0.0.1", "::1"}
-	if h, err := os.Hostname(); err == nil {
-		hosts = append(hosts, h)
+	if !files {
+		return certs.TLS, certs, nil
 	}
-	conf, err := ca.TLSConfig(s.Domain, hosts)
-	return conf, ca.Path, err
+	cert, err := tls.LoadX509KeyPair(s.TLSCert, s.TLSKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("load TLS certificate: %w", err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, certs, nil
 }
