@@ -27,7 +27,7 @@ import (
 	"errors"
 	"io"
 	"net"
-	"runtime"
+	// TETHER PATCH: no "runtime": AcceptStream sets no finalizer.
 	"sync"
 	"sync/atomic"
 	"time"
@@ -232,11 +232,18 @@ func (s *Session) AcceptStream() (*Stream, error) {
 
 	select {
 	case stream := <-s.chAccepts:
-		wrapper := &Stream{stream: stream}
-		runtime.SetFinalizer(wrapper, func(s *Stream) {
-			s.Close()
-		})
-		return wrapper, nil
+		// TETHER PATCH: no finalizer that closes the stream (upstream sets
+		// one here; OpenStream's is disabled upstream, issue #997). Every
+		// method of Stream is promoted from the embedded *stream, so the
+		// wrapper can be garbage while its stream is in use: `defer
+		// st.Close()` saves st.stream, not st, and during st.Write(...),
+		// or io.Copy(w, st) (WriteTo), nothing may reference st any more.
+		// A GC then ran Close in the middle of the transfer: a FIN went
+		// out between two PSH frames (the peer read a truncated reply and
+		// EOF), the stream was unregistered and its unread data dropped.
+		// Accepted streams, like opened ones, must be closed by their user
+		// (or by closing the session).
+		return &Stream{stream: stream}, nil
 	case <-deadline:
 		return nil, ErrTimeout
 	case <-s.chSocketReadError:
