@@ -18,6 +18,21 @@ type metrics struct {
 	bytes            *prometheus.CounterVec
 	enrollments      *prometheus.CounterVec
 	controlQueueFull prometheus.Counter
+
+	// The cluster.
+	events          prometheus.Counter
+	eventsDropped   prometheus.Counter
+	snapshots       prometheus.Counter
+	presenceUpdates prometheus.Counter
+	replicaLookups  *prometheus.CounterVec
+	cpReachable     prometheus.Gauge
+	hellos          *prometheus.CounterVec
+	syncs           *prometheus.CounterVec
+	admissions      *prometheus.CounterVec
+	revocations     prometheus.Counter
+	forwarded       *prometheus.CounterVec
+	forwardFailures *prometheus.CounterVec
+	tcpUnbound      prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -36,10 +51,26 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		bytes:            prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_tcp_bytes_total", Help: "Bytes spliced through TCP leases."}, []string{"direction"}),
 		enrollments:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_enrollments_total", Help: "Enrollment requests by result."}, []string{"result"}),
 		controlQueueFull: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_control_queue_full_total", Help: "Sessions closed because their control queue was full: the agent stopped reading its control stream."}),
+
+		events:          prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_device_events_total", Help: "Device events from the control plane applied to the replica."}),
+		eventsDropped:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_device_events_dropped_total", Help: "Times the device event queue overflowed (a snapshot replaced the dropped events)."}),
+		snapshots:       prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_replica_snapshots_total", Help: "Snapshots of the control plane's state taken into the replica."}),
+		presenceUpdates: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_presence_updates_total", Help: "Presence events (session, offline, relay-down) received."}),
+		replicaLookups:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_replica_lookups_total", Help: "Public names looked up in the replica (not held by a local session), by result (hit, miss)."}, []string{"result"}),
+		cpReachable:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_relay_control_plane_reachable", Help: "1 while the relay's hellos reach the control plane, else 0."}),
+		hellos:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_hellos_total", Help: "Hellos to the control plane, by result (ok, error)."}, []string{"result"}),
+		syncs:           prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_syncs_total", Help: "Session syncs after the control plane was away, by result (ok, error)."}, []string{"result"}),
+		admissions:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_admissions_total", Help: "Agent sessions admitted, by who authorised them (control_plane, or replica while the control plane was away)."}, []string{"by"}),
+		revocations:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_revocations_total", Help: "Revocation notices applied and confirmed to the control plane."}),
+		forwarded:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_forwarded_streams_total", Help: "Public connections forwarded to the relay holding the device, by peer relay."}, []string{"peer"}),
+		forwardFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_forward_failures_total", Help: "Forwarding attempts that failed, by reason (not_here, unreachable, refused)."}, []string{"reason"}),
+		tcpUnbound:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "tether_relay_tcp_unbound_ports", Help: "Leased TCP ports this relay cannot bind now (retried)."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.sessions, m.handshakes, m.heartbeats, m.deadSessions, m.protocolErrors, m.streams,
-			m.streamsRefused, m.httpRequests, m.httpErrors, m.tcpConns, m.tcpListenErrors, m.bytes, m.enrollments, m.controlQueueFull)
+			m.streamsRefused, m.httpRequests, m.httpErrors, m.tcpConns, m.tcpListenErrors, m.bytes, m.enrollments, m.controlQueueFull,
+			m.events, m.eventsDropped, m.snapshots, m.presenceUpdates, m.replicaLookups, m.cpReachable, m.hellos, m.syncs,
+			m.admissions, m.revocations, m.forwarded, m.forwardFailures, m.tcpUnbound)
 	}
 	return m
 }

@@ -46,7 +46,7 @@ func (r *registry) add(sess *session) (loser *session, ports []uint16) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	old := r.sessions[sess.deviceID]
-	if old != nil && old.gen > sess.gen {
+	if old != nil && old.generation() > sess.generation() {
 		return sess, nil
 	}
 	r.sessions[sess.deviceID] = sess

@@ -18,10 +18,15 @@
 //   - tcp.go: one listener per routed TCP lease, bound and closed outside
 //     the table's lock, and the splice of each public connection.
 //   - enroll.go: enrollment; metrics.go: the Prometheus collectors.
+//   - follow.go: the replica kept up to date from the control plane's
+//     snapshots and device events, and what events do to local sessions.
+//   - certs.go: the relay's certificates from the cluster CA.
 //
-// The control plane is reached only through the ControlPlane interface
-// (NATS in production). Shutdown drains: agents are told to move, spread
-// over a window, before their sessions close.
+// The control plane is reached only through controlplane.Cluster (NATS in
+// production), and never on a public request's path: the relay serves from
+// its replica (package replica), also while the control plane is away.
+// relay/cluster.md describes the protocol. Shutdown drains: agents are
+// told to move, spread over a window, before their sessions close.
 package relay
 
 import (
@@ -35,20 +40,15 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/tetherfleet/tether/relay/replica"
 )
-
-// ControlPlane is what a relay needs of the control plane.
-type ControlPlane interface {
-	controlplane.Relays
-	// Watch calls fn for every device event until ctx ends.
-	Watch(ctx context.Context, fn func(controlplane.DeviceEvent)) error
-}
 
 // Config configures a relay. Zero values of optional fields mean the
 // documented defaults.
@@ -61,8 +61,14 @@ type Config struct {
 	// is for the relay (its agent endpoints), never for a lease. Nil means
 	// none.
 	PublicNames []string
-	// ControlPlane authorises sessions and allocates leases. Required.
-	ControlPlane ControlPlane
+	// ControlPlane authorises sessions, allocates leases, and tells the
+	// relay what the cluster knows (natsapi.Client over NATS). Required.
+	ControlPlane controlplane.Cluster
+	// Replica is the relay's copy of the cluster's devices, which it keeps
+	// up to date from the control plane's events and serves from, also
+	// while the control plane is away (<data dir>/relay.db). The caller
+	// opens it and closes it after the relay. Required.
+	Replica *replica.Replica
 	// TCPHost is the address TCP lease listeners bind to. Empty means all
 	// interfaces.
 	TCPHost string
@@ -89,14 +95,22 @@ type Config struct {
 type Server struct {
 	cfg     Config
 	log     *slog.Logger
-	cp      ControlPlane
+	cp      controlplane.Cluster
+	replica *replica.Replica
 	metrics *metrics
 	reg     *registry
 	tcp     *tcpListeners
 
-	ctx    context.Context // ends at Shutdown's end; bounds sessions
+	ctx    context.Context // ends at Shutdown's end; bounds sessions and loops
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // session handlers (see track)
+	loops  sync.WaitGroup // follow, hello and revocation loops
+
+	// The control plane's device events, queued for the follow loop;
+	// eventsLost says the queue overflowed (a snapshot is due).
+	events     chan controlplane.DeviceEvent
+	eventsLost atomic.Bool
+	resync     chan struct{} // asks the follow loop for a snapshot (1 slot)
 
 	mu       sync.Mutex
 	draining bool
@@ -109,6 +123,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.ControlPlane == nil {
 		return nil, errors.New("relay: ControlPlane is required")
+	}
+	if cfg.Replica == nil {
+		return nil, errors.New("relay: Replica is required")
 	}
 	if err := cfg.Mux.Verify(); err != nil {
 		return nil, fmt.Errorf("relay: %w", err)
@@ -131,39 +148,61 @@ func New(cfg Config) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, metrics: newMetrics(cfg.Registerer)}
+	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
+		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reg = newRegistry()
 	s.tcp = newTCPListeners(cfg.TCPHost, s.reg, s.metrics, log)
 	return s, nil
 }
 
-// Start tells the control plane that this relay holds no sessions (it may
-// have restarted) and subscribes to device events.
+// Start subscribes to the control plane's device events, tells it that
+// this relay holds no sessions (it may have restarted), brings the replica
+// up to date and starts following the control plane. A control plane that
+// cannot be reached does not stop the relay: it serves from its replica
+// and catches up when the control plane answers again. Start fails when a
+// public name of the relay is leased to a device.
 func (s *Server) Start(ctx context.Context) error {
+	watching := true
+	if err := s.cp.Watch(s.ctx, s.queueEvent); err != nil {
+		s.log.Warn("cannot subscribe to device events yet: serving from the replica", "err", err)
+		watching = false
+	}
 	if err := s.cp.ResetRelay(ctx, s.cfg.RelayID); err != nil {
-		return fmt.Errorf("reset presence of relay %s: %w", s.cfg.RelayID, err)
+		if controlplane.KindOf(err) != controlplane.KindUnavailable {
+			return fmt.Errorf("reset presence of relay %s: %w", s.cfg.RelayID, err)
+		}
+		s.log.Warn("control plane unreachable at start: serving from the replica", "err", err)
 	}
-	if err := s.cp.Watch(s.ctx, s.onEvent); err != nil {
-		return fmt.Errorf("watch device events: %w", err)
+	fresh := false
+	if watching {
+		if err := s.snapshot(ctx); err != nil {
+			s.log.Warn("replica snapshot at start failed: serving from the replica as kept", "err", err)
+		} else {
+			fresh = true
+		}
 	}
+	if err := s.checkPublicNames(); err != nil {
+		return err
+	}
+	s.loops.Go(func() { s.follow(watching, fresh) })
 	return nil
 }
 
-func (s *Server) onEvent(ev controlplane.DeviceEvent) {
-	sess := s.reg.session(ev.DeviceID)
-	if sess == nil {
-		return
-	}
-	switch ev.Kind {
-	case controlplane.EventRevoked:
-		s.log.Info("cutting off revoked device", "device", sess.name)
-		sess.fail(frames.CodeRevoked, "device revoked by the operator")
-	case controlplane.EventSession:
-		if ev.Generation > sess.gen {
-			sess.fail(frames.CodeSuperseded, fmt.Sprintf("session %d superseded by session %d on relay %s", sess.gen, ev.Generation, ev.RelayID))
+// checkPublicNames refuses a public name of the relay that the replica
+// says is leased to a device.
+func (s *Server) checkPublicNames() error {
+	for _, name := range s.cfg.PublicNames {
+		label, ok := s.label(name)
+		if !ok {
+			continue
+		}
+		if rec, lease, ok := s.replica.ByHostname(label); ok {
+			return fmt.Errorf("public name %s of this relay is leased to service %s of device %s: a relay's own names are never leased; choose another TETHER_PUBLIC_NAMES or release the lease",
+				name, lease.Service, rec.Name)
 		}
 	}
+	return nil
 }
 
 // Handler serves the relay's HTTPS listener: the agent endpoints and
@@ -257,13 +296,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		cancel() // ends the notices too, if every agent left before its turn
 		notices.Wait()
 	}
-	s.cancel() // closes every session
+	s.cancel() // closes every session, ends the loops
 	done := make(chan struct{})
 	// The one goroutine here that nothing waits for: it lets ctx bound the
-	// wait, and ends when the sessions and TCP connections do.
+	// wait, and ends when the sessions, loops and TCP connections do.
 	go func() {
 		s.tcp.close()
 		s.wg.Wait()
+		s.loops.Wait()
 		close(done)
 	}()
 	select {
@@ -271,8 +311,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("relay shutdown: %w", ctx.Err())
 	}
-	// One request marks every session of this relay ended.
+	// One request marks every session of this relay ended. Without a
+	// control plane, it learns it when this relay falls silent.
 	if err := s.cp.ResetRelay(ctx, s.cfg.RelayID); err != nil {
+		if controlplane.KindOf(err) == controlplane.KindUnavailable {
+			s.log.Warn("relay shutdown: the control plane is unreachable; it marks the sessions ended once this relay is silent", "err", err)
+			return nil
+		}
 		return fmt.Errorf("relay shutdown: report sessions ended: %w", err)
 	}
 	return nil
@@ -330,6 +375,7 @@ func (s *Server) Close() error {
 	s.cancel()
 	s.tcp.close()
 	s.wg.Wait()
+	s.loops.Wait()
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
@@ -39,7 +40,7 @@ type session struct {
 	remote string
 
 	deviceID, name string
-	gen            uint64
+	gen            atomic.Uint64 // the control plane's generation; Sync may renumber it
 	heartbeat      time.Duration
 	leases         []controlplane.Lease // as first registered
 
@@ -106,7 +107,7 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 	// it does must find the session.
 	if err = s.admit(sess); err == nil {
 		sess.send(leases)
-		sess.log.Info("agent connected", "generation", sess.gen, "services", len(sess.leases))
+		sess.log.Info("agent connected", "generation", sess.generation(), "services", len(sess.leases))
 		err = sess.controlLoop()
 	}
 	s.forget(sess)
@@ -117,11 +118,11 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 	if !s.isDraining() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if derr := s.cp.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: sess.deviceID, Generation: sess.gen}); derr != nil {
+		if derr := s.cp.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: sess.deviceID, Generation: sess.generation()}); derr != nil {
 			sess.log.Warn("report disconnect to control plane", "err", derr)
 		}
 	}
-	sess.log.Info("agent disconnected", "generation", sess.gen, "reason", err)
+	sess.log.Info("agent disconnected", "generation", sess.generation(), "reason", err)
 }
 
 // admit puts sess in the routing table, fails the session it supersedes
@@ -223,7 +224,8 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	if err != nil {
 		return nil, sess.refuseCP(err)
 	}
-	sess.deviceID, sess.name, sess.gen = cr.DeviceID, cr.Name, cr.Generation
+	sess.deviceID, sess.name = cr.DeviceID, cr.Name
+	sess.gen.Store(cr.Generation)
 	sess.log = sess.log.With("device", cr.Name, "device_id", cr.DeviceID)
 	sess.send(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation})
 	reg, err := frames.ReadAs[*frames.Register](ctrl, 0)
@@ -243,7 +245,7 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 // returns their leases, as a frame for the agent and as the control
 // plane's records. It sends nothing.
 func (sess *session) register(ctx context.Context, reg *frames.Register) (*frames.Leases, []controlplane.Lease, error) {
-	req := controlplane.RegisterRequest{DeviceID: sess.deviceID, Generation: sess.gen}
+	req := controlplane.RegisterRequest{DeviceID: sess.deviceID, Generation: sess.generation()}
 	for _, svc := range reg.Services {
 		req.Services = append(req.Services, controlplane.Service{Name: svc.Name, Proto: svc.Proto})
 	}
@@ -381,6 +383,9 @@ func (sess *session) close() {
 		}
 	})
 }
+
+// generation is the session's generation.
+func (sess *session) generation() uint64 { return sess.gen.Load() }
 
 // isClosed reports whether the session has ended, by the relay's hand or
 // the connection's.

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"github.com/tetherfleet/tether/frames/wsmux"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/relaytest"
+	"github.com/tetherfleet/tether/relay/replica"
 	"github.com/xtaci/smux"
 )
 
@@ -69,6 +71,26 @@ func (f *fakeControlPlane) ResetRelay(context.Context, string) error {
 
 func (f *fakeControlPlane) Watch(context.Context, func(controlplane.DeviceEvent)) error { return nil }
 
+func (f *fakeControlPlane) Snapshot(context.Context, controlplane.SnapshotRequest) (controlplane.SnapshotResponse, error) {
+	return controlplane.SnapshotResponse{Epoch: "fake", Devices: []controlplane.DeviceRecord{}}, nil
+}
+
+func (f *fakeControlPlane) Hello(context.Context, controlplane.HelloRequest) (controlplane.HelloResponse, error) {
+	return controlplane.HelloResponse{Epoch: "fake"}, nil
+}
+
+func (f *fakeControlPlane) Sync(_ context.Context, req controlplane.SyncRequest) (controlplane.SyncResponse, error) {
+	return controlplane.SyncResponse{Sessions: req.Sessions}, nil
+}
+
+func (f *fakeControlPlane) Cert(context.Context, controlplane.CertRequest) (controlplane.CertResponse, error) {
+	return controlplane.CertResponse{}, controlplane.Errorf(controlplane.KindUnavailable, "the fake has no CA")
+}
+
+func (f *fakeControlPlane) ServeRevocations(context.Context, string, func(context.Context, controlplane.RevokeNotice) error) error {
+	return nil
+}
+
 // pipeRelay is a relay whose sessions run over net.Pipe.
 type pipeRelay struct {
 	srv     *relay.Server
@@ -81,9 +103,15 @@ type pipeRelay struct {
 // window of 4s, closed when the test ends.
 func newPipeRelay(t *testing.T) *pipeRelay {
 	p := &pipeRelay{cp: &fakeControlPlane{generations: map[string]uint64{}}, metrics: prometheus.NewRegistry()}
+	rep, err := replica.Open(replica.Config{Path: filepath.Join(t.TempDir(), "relay.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rep.Close() })
 	srv, err := relay.New(relay.Config{
 		RelayID:          "relay-pipe",
 		ControlPlane:     p.cp,
+		Replica:          rep,
 		HandshakeTimeout: 5 * time.Second,
 		DrainWindow:      4 * time.Second,
 		Logger:           slog.New(slog.NewTextHandler(t.Output(), nil)),

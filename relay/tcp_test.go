@@ -111,7 +111,12 @@ func testListenersFollowTheTable(t *testing.T) {
 		}
 	}
 
-	a := &session{deviceID: "a", gen: 1, leases: lease(20001)}
+	newSession := func(gen uint64) *session {
+		sess := &session{deviceID: "a", leases: lease(20001)}
+		sess.gen.Store(gen)
+		return sess
+	}
+	a := newSession(1)
 	_, ports := reg.add(a)
 	tl.sync(ports)
 	if !isOpen("127.0.0.1:20001") {
@@ -122,7 +127,7 @@ func testListenersFollowTheTable(t *testing.T) {
 		t.Fatalf("a port that cannot be bound: %v", tl.lns)
 	}
 	// A newer session of the same device keeps the listener.
-	a2 := &session{deviceID: "a", gen: 2, leases: lease(20001)}
+	a2 := newSession(2)
 	loser, ports := reg.add(a2)
 	tl.sync(ports)
 	if loser != a || !slices.Equal(ports, []uint16{20009}) || !isOpen("127.0.0.1:20001") {

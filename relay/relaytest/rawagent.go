@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/wsmux"
 	"github.com/xtaci/smux"
@@ -60,14 +61,29 @@ func (e *Env) EnrolledRaw(t testing.TB, key ed25519.PrivateKey, name string, svc
 	t.Helper()
 	if key == nil {
 		_, key, _ = ed25519.GenerateKey(nil)
-		req := controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(e.Token(1)), EnrollDevice: frames.EnrollDevice{PublicKey: key.Public().(ed25519.PublicKey), Name: name}}
-		if _, err := e.CP.Store.Enroll(context.Background(), req); err != nil {
-			t.Fatal(err)
-		}
+		e.Enroll(t, key, name)
 	}
 	ra := DialRaw(t, e.RelayURL(), e.CA.Pool())
 	ra.Handshake(t, key, svcs...)
 	return ra
+}
+
+// Enroll enrolls key as device name through the control plane's NATS
+// service, as a relay does: every relay learns of it.
+func (e *Env) Enroll(t testing.TB, key ed25519.PrivateKey, name string) {
+	t.Helper()
+	if e.enroller == nil {
+		nc, err := e.connect("relaytest enroller")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.T.Cleanup(nc.Close)
+		e.enroller = &natsapi.Client{NC: nc}
+	}
+	req := controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(e.Token(1)), EnrollDevice: frames.EnrollDevice{PublicKey: key.Public().(ed25519.PublicKey), Name: name}}
+	if _, err := e.enroller.Enroll(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // Handshake runs the agent's side of the handshake with key (hello with

@@ -20,8 +20,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -54,16 +54,16 @@ type Env struct {
 	TCPPorts controlplane.PortRange
 	NATS     *natsembed.Server
 	CP       *daemon.Daemon
-	Relay    *relay.Server
-	Metrics  *prometheus.Registry // the relay's metrics
+	Relay    *relay.Server        // the first relay's; nil while it is stopped
+	Metrics  *prometheus.Registry // the first relay's metrics
 	Logger   *slog.Logger
 
-	opts      Options
-	cpNC      *nats.Conn
-	relayNC   *nats.Conn
-	httpsAddr string
-	httpAddr  string
-	servers   []*http.Server
+	opts     Options
+	cpNC     *nats.Conn
+	main     *Node                                 // the first relay
+	added    []*Node                               // by AddRelay
+	connect  func(name string) (*nats.Conn, error) // a NATS connection as a relay
+	enroller *natsapi.Client                       // see Enroll
 }
 
 // Start starts a server and registers its shutdown with t.Cleanup.
@@ -95,16 +95,17 @@ func Start(t testing.TB, opts Options) *Env {
 	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
 		t.Fatal(err)
 	}
-	e.httpsAddr, e.httpAddr = "127.0.0.1:0", "127.0.0.1:0"
+	e.connect = func(name string) (*nats.Conn, error) { return e.NATS.ConnectAs(natsperm.Relay, name) }
+	e.main = e.newNode("relay-test", "127.0.0.1")
 	e.StartRelay()
 	t.Cleanup(e.StopRelay)
 	return e
 }
 
-// StartRelay starts the relay (again) on the same addresses.
+// StartRelay starts the first relay (again) on the same addresses.
 func (e *Env) StartRelay() {
-	e.Metrics = prometheus.NewRegistry()
-	e.Relay, e.relayNC, e.servers = e.serveRelay("relay-test", &e.httpsAddr, &e.httpAddr, e.Metrics)
+	e.main.Start()
+	e.Relay, e.Metrics = e.main.Relay, e.main.Metrics
 }
 
 // Counter returns the value of a counter of the relay's metrics with the
@@ -142,139 +143,37 @@ func CounterValue(g prometheus.Gatherer, name, labelValue string) (float64, erro
 	return sum, nil
 }
 
-// Node is another relay of the same cluster (same NATS, same control plane).
-type Node struct {
-	Relay               *relay.Server
-	HTTPSAddr, HTTPAddr string
-	nc                  *nats.Conn
-	servers             []*http.Server
-}
-
-// URL is the node's wss:// URL for agents.
-func (n *Node) URL() string { return "wss://" + n.HTTPSAddr }
-
-// Stop drains the node and closes its listeners.
-func (n *Node) Stop(t testing.TB) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := n.Relay.Shutdown(ctx); err != nil {
-		t.Errorf("relay shutdown: %v", err)
-	}
-	for _, s := range n.servers {
-		s.Close()
-	}
-	n.nc.Close()
-}
-
-// AddRelay starts another relay of the cluster; it is stopped when the test ends.
+// AddRelay starts another relay of the cluster, on its own loopback
+// address for TCP leases (every relay listens on every leased port); it is
+// stopped when the test ends.
 func (e *Env) AddRelay(id string) *Node {
-	n := &Node{HTTPSAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0"}
-	n.Relay, n.nc, n.servers = e.serveRelay(id, &n.HTTPSAddr, &n.HTTPAddr, nil)
-	e.T.Cleanup(func() {
-		for _, s := range n.servers {
-			s.Close()
-		}
-		n.Relay.Close()
-		n.nc.Close()
-	})
+	n := e.newNode(id, "127.0.0."+strconv.Itoa(2+len(e.added)))
+	e.added = append(e.added, n)
+	n.Start()
 	return n
 }
 
-// serveRelay starts a relay with its HTTPS and HTTP listeners.
-func (e *Env) serveRelay(id string, httpsAddr, httpAddr *string, reg prometheus.Registerer) (*relay.Server, *nats.Conn, []*http.Server) {
-	t := e.T
-	t.Helper()
-	nc, err := e.NATS.ConnectAs(natsperm.Relay, "relay "+id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := relay.Config{
-		RelayID:          id,
-		Domain:           e.Domain,
-		ControlPlane:     &natsapi.Client{NC: nc},
-		TCPHost:          "127.0.0.1",
-		HandshakeTimeout: 5 * time.Second,
-		DrainWindow:      time.Second,
-		Logger:           e.Logger.With("component", "relay", "relay_id", id),
-		Registerer:       reg,
-	}
-	if e.opts.RelayConfig != nil {
-		e.opts.RelayConfig(&cfg)
-	}
-	rl, err := relay.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rl.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	certs, err := relay.LoadCerts(context.Background(), relay.CertConfig{
-		RelayID: id, DataDir: filepath.Join(e.DataDir, "relays", id), ControlPlane: &natsapi.Client{NC: nc}, Public: true,
-		Domain: e.Domain, Hosts: []string{"127.0.0.1"}, Logger: cfg.Logger,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tlsConf := certs.TLS
-	https := e.listen(httpsAddr)
-	http1 := e.listen(httpAddr)
-	hs := &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: slog.NewLogLogger(e.Logger.Handler(), slog.LevelDebug)}
-	ps := &http.Server{Handler: rl.PublicHTTPHandler(), ErrorLog: hs.ErrorLog}
-	go hs.ServeTLS(https, "", "")
-	go ps.Serve(http1)
-	return rl, nc, []*http.Server{hs, ps}
-}
-
-func (e *Env) listen(addr *string) net.Listener {
-	var ln net.Listener
-	var err error
-	// The port of a just-closed listener can take a moment to be free again.
-	for range 50 {
-		if ln, err = net.Listen("tcp", *addr); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		e.T.Fatal(err)
-	}
-	*addr = ln.Addr().String()
-	return ln
-}
-
-// StopRelay drains and stops the relay and its listeners.
+// StopRelay drains and stops the first relay and its listeners.
 func (e *Env) StopRelay() {
 	if e.Relay == nil {
 		return
 	}
-	for _, s := range e.servers {
-		s.Close()
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := e.Relay.Shutdown(ctx); err != nil {
-		e.T.Errorf("relay shutdown: %v", err)
-	}
-	e.relayNC.Close()
+	e.main.Stop(e.T)
 	e.Relay = nil
 }
 
-// KillRelay stops the relay at once, without draining (a crash).
+// KillRelay stops the first relay at once, without draining (a crash).
 func (e *Env) KillRelay() {
-	for _, s := range e.servers {
-		s.Close()
-	}
-	e.Relay.Close()
-	e.relayNC.Close()
+	e.main.Kill()
 	e.Relay = nil
 }
 
 // RelayURL is the wss:// URL agents connect to.
-func (e *Env) RelayURL() string { return "wss://" + e.httpsAddr }
+func (e *Env) RelayURL() string { return e.main.URL() }
 
-// HTTPSAddr and HTTPAddr are the relay's listener addresses.
-func (e *Env) HTTPSAddr() string { return e.httpsAddr }
-func (e *Env) HTTPAddr() string  { return e.httpAddr }
+// HTTPSAddr and HTTPAddr are the first relay's listener addresses.
+func (e *Env) HTTPSAddr() string { return e.main.HTTPSAddr }
+func (e *Env) HTTPAddr() string  { return e.main.HTTPAddr }
 
 // Token creates an enrollment token.
 func (e *Env) Token(uses int) string {
@@ -289,9 +188,9 @@ func (e *Env) Token(uses int) string {
 // request to the relay, whatever the URL's host (as DNS for *.localhost would).
 func (e *Env) Client() *http.Client {
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		target := e.httpAddr
+		target := e.main.HTTPAddr
 		if strings.HasSuffix(addr, ":443") {
-			target = e.httpsAddr
+			target = e.main.HTTPSAddr
 		}
 		return (&net.Dialer{}).DialContext(ctx, network, target)
 	}

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -31,6 +32,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/ops"
 	"github.com/tetherfleet/tether/frames/cli"
 	"github.com/tetherfleet/tether/relay"
+	"github.com/tetherfleet/tether/relay/replica"
 )
 
 var version = "dev"
@@ -116,6 +118,14 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 	}()
 
+	// The replica first: its file lock is what stops a second relay on the
+	// same data dir, before it starts anything.
+	rep, err := replica.Open(replica.Config{Path: filepath.Join(s.DataDir, "relay.db"), Logger: log.With("component", "replica")})
+	if err != nil {
+		return err
+	}
+	closers = append(closers, func() { rep.Close() })
+
 	// NATS and, standalone, the control plane.
 	var relayNC *nats.Conn
 	var cp *daemon.Daemon
@@ -160,7 +170,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rl, err := relay.New(relay.Config{
-		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient,
+		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
 	})
 	if err != nil {

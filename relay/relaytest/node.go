@@ -1,0 +1,184 @@
+package relaytest
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
+	"github.com/tetherfleet/tether/relay"
+	"github.com/tetherfleet/tether/relay/replica"
+)
+
+// Node is one relay of a test cluster: its own data dir (replica,
+// certificates), its own loopback address for its listeners and TCP
+// leases, its own NATS connection. It keeps its addresses across
+// restarts.
+type Node struct {
+	ID      string
+	Host    string // loopback address of its listeners and TCP leases, e.g. "127.0.0.2"
+	DataDir string
+	// Set while the relay runs (nil once it is stopped or killed).
+	Relay   *relay.Server
+	Replica *replica.Replica
+	Metrics *prometheus.Registry
+	Certs   *relay.Certs
+	// Fixed at the first start, the same after a restart.
+	HTTPSAddr, HTTPAddr string
+
+	env     *Env
+	nc      *nats.Conn
+	servers []*http.Server
+	serving sync.WaitGroup
+}
+
+// newNode prepares relay id on host; Start starts it.
+func (e *Env) newNode(id, host string) *Node {
+	n := &Node{ID: id, Host: host, DataDir: filepath.Join(e.DataDir, "relays", id), env: e,
+		HTTPSAddr: net.JoinHostPort(host, "0"), HTTPAddr: net.JoinHostPort(host, "0")}
+	e.T.Cleanup(func() {
+		if n.Relay != nil {
+			n.Kill()
+		}
+	})
+	return n
+}
+
+// URL is the node's wss:// URL for agents.
+func (n *Node) URL() string { return "wss://" + n.HTTPSAddr }
+
+// Counter returns the sum of the relay's counters called name whose
+// series carry labelValue (empty: all series), as Env.Counter does.
+func (n *Node) Counter(name, labelValue string) float64 {
+	v, err := CounterValue(n.Metrics, name, labelValue)
+	if err != nil {
+		n.env.T.Fatal(err)
+	}
+	return v
+}
+
+// Start starts the relay (again), on the same addresses as before.
+func (n *Node) Start() {
+	t := n.env.T
+	t.Helper()
+	if n.Relay != nil {
+		t.Fatalf("relay %s is running", n.ID)
+	}
+	log := n.env.Logger.With("component", "relay", "relay_id", n.ID)
+	var err error
+	if n.nc, err = n.env.connect("relay " + n.ID); err != nil {
+		t.Fatal(err)
+	}
+	cp := &natsapi.Client{NC: n.nc}
+	if err := os.MkdirAll(n.DataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if n.Replica, err = replica.Open(replica.Config{Path: filepath.Join(n.DataDir, "relay.db"), Logger: log}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n.Certs, err = relay.LoadCerts(ctx, relay.CertConfig{
+		RelayID: n.ID, DataDir: n.DataDir, ControlPlane: cp, Public: true, Domain: n.env.Domain, Hosts: []string{n.Host}, Logger: log,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Metrics = prometheus.NewRegistry()
+	cfg := relay.Config{
+		RelayID:          n.ID,
+		Domain:           n.env.Domain,
+		ControlPlane:     cp,
+		Replica:          n.Replica,
+		TCPHost:          n.Host,
+		HandshakeTimeout: 5 * time.Second,
+		DrainWindow:      time.Second,
+		Logger:           log,
+		Registerer:       n.Metrics,
+	}
+	if n.env.opts.RelayConfig != nil {
+		n.env.opts.RelayConfig(&cfg)
+	}
+	if n.Relay, err = relay.New(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Relay.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	https := listen(t, &n.HTTPSAddr)
+	plain := listen(t, &n.HTTPAddr)
+	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
+	hs := &http.Server{Handler: n.Relay.Handler(), TLSConfig: n.Certs.TLS, ErrorLog: errLog}
+	ps := &http.Server{Handler: n.Relay.PublicHTTPHandler(), ErrorLog: errLog}
+	n.servers = []*http.Server{hs, ps}
+	n.serving.Go(func() { hs.ServeTLS(https, "", "") })
+	n.serving.Go(func() { ps.Serve(plain) })
+}
+
+// Stop drains the relay (its agents are told to move) and stops it.
+func (n *Node) Stop(t testing.TB) {
+	t.Helper()
+	if n.Relay == nil {
+		return
+	}
+	n.closeServers()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.Relay.Shutdown(ctx); err != nil {
+		t.Errorf("relay %s shutdown: %v", n.ID, err)
+	}
+	n.release()
+}
+
+// Kill stops the relay at once, as a crash does: its listeners and every
+// connection close, nothing is drained and the control plane is not told.
+func (n *Node) Kill() {
+	if n.Relay == nil {
+		return
+	}
+	n.closeServers()
+	n.Relay.Close()
+	n.release()
+}
+
+func (n *Node) closeServers() {
+	for _, s := range n.servers {
+		s.Close()
+	}
+	n.serving.Wait()
+}
+
+func (n *Node) release() {
+	n.nc.Close()
+	n.Replica.Close()
+	n.Relay, n.servers = nil, nil
+}
+
+// listen listens on *addr and sets it to the address bound (a port 0
+// becomes the one chosen).
+func listen(t testing.TB, addr *string) net.Listener {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	// The port of a just-closed listener can take a moment to be free again.
+	for range 50 {
+		if ln, err = net.Listen("tcp", *addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(fmt.Errorf("listen on %s: %w", *addr, err))
+	}
+	*addr = ln.Addr().String()
+	return ln
+}
