@@ -79,3 +79,80 @@ func TestPublicNameLeasedIsAStartupError(t *testing.T) {
 		t.Fatalf("start: %v", err)
 	}
 }
+
+// TestSyncAfterControlPlaneOutage: while the control plane is away, the
+// relay says it is unreachable and keeps serving; a device that leaves
+// meanwhile is reported offline as soon as the control plane is back (the
+// relay's sync), and a device still connected is online there.
+func TestSyncAfterControlPlaneOutage(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	stays := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	stays.ServeHTTP(t, echoHandler)
+	leaves := e.EnrolledRaw(t, nil, "pi02")
+	awaitReachable(t, e.Relay, true)
+
+	e.StopControlPlane()
+	awaitReachable(t, e.Relay, false)
+	leaves.Mux.Close()
+	relaytest.Eventually(t, 10*time.Second, func() error {
+		if n := e.Relay.Sessions(); n != 1 {
+			return fmt.Errorf("%d sessions", n)
+		}
+		return nil
+	})
+	if code, body := e.Get(false, "web-pi01.localhost", "/"); code != 200 {
+		t.Fatalf("device served while the control plane is away: %d %s", code, body)
+	}
+
+	e.StartControlPlane()
+	awaitReachable(t, e.Relay, true)
+	for name, online := range map[string]bool{"pi01": true, "pi02": false} {
+		d, err := e.CP.Store.Device(context.Background(), name)
+		if err != nil || d.Online != online || online && d.Relay != "relay-test" {
+			t.Errorf("%s right after the control plane returned: online %v on %q (%v), want online %v", name, d.Online, d.Relay, err, online)
+		}
+	}
+	if n := e.Counter("tether_relay_syncs_total", "ok"); n != 1 {
+		t.Errorf("%v syncs", n)
+	}
+}
+
+// TestRevocationNoticeConfirmed: the control plane's revocation notice
+// cuts the device's session here before the relay confirms it, and the
+// device is refused from then on.
+func TestRevocationNoticeConfirmed(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	ra := e.EnrolledRaw(t, nil, "pi01")
+	awaitReachable(t, e.Relay, true)
+	res, err := e.CP.Service.Revoke(t.Context(), "pi01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Confirmed) != 1 || res.Confirmed[0] != "relay-test" || len(res.Pending) != 0 {
+		t.Fatalf("revoke: %+v", res)
+	}
+	if got := ra.ClosedWith(t, time.Second); got == nil || got.Code != frames.CodeRevoked {
+		t.Fatalf("session ended with %v, want revoked", got)
+	}
+	again := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
+	again.Send(t, &frames.Hello{PublicKey: ra.Pub, AgentVersion: "raw", HeartbeatMillis: 1000})
+	ch := again.Recv(t).(*frames.Challenge)
+	again.Key = ra.Key
+	again.Pub = ra.Pub
+	again.Send(t, again.Sign(ch.Nonce, ch.RelayID))
+	if got := again.ClosedWith(t, 5*time.Second); got == nil || got.Code != frames.CodeRevoked {
+		t.Fatalf("revoked device reconnecting: %v", got)
+	}
+}
+
+// awaitReachable waits until the relay's hellos reach the control plane
+// (and its sessions are synced), or fail.
+func awaitReachable(t *testing.T, rl *relay.Server, up bool) {
+	t.Helper()
+	relaytest.Eventually(t, 15*time.Second, func() error {
+		if rl.ControlPlaneReachable() != up {
+			return fmt.Errorf("control plane reachable: %v, want %v", !up, up)
+		}
+		return nil
+	})
+}

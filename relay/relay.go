@@ -83,6 +83,13 @@ type Config struct {
 	// DrainWindow is the time over which Shutdown spreads drain notices.
 	// Zero means 5s.
 	DrainWindow time.Duration
+	// ClusterAddr is where peer relays reach this one, announced in its
+	// hellos. Empty means none (a relay without peers).
+	ClusterAddr string
+	// HelloInterval is how often the relay says hello to the control
+	// plane; it must be the control plane's. Zero means
+	// controlplane.HelloInterval.
+	HelloInterval time.Duration
 	// Mux tunes the smux sessions.
 	Mux wsmux.Config
 	// Logger; nil discards.
@@ -112,8 +119,21 @@ type Server struct {
 	eventsLost atomic.Bool
 	resync     chan struct{} // asks the follow loop for a snapshot (1 slot)
 
-	mu       sync.Mutex
-	draining bool
+	reachable atomic.Bool // the last hello reached the control plane
+	needSync  atomic.Bool // the control plane may not know the sessions held here
+	// syncMu: a sync (writer) sees every session the control plane was
+	// told of and none it was told ended; handshakes from their connect
+	// to their routing, and goodbyes, are readers.
+	syncMu sync.RWMutex
+
+	revokedMu sync.Mutex
+	revoked   map[string]bool // device IDs revoked by a notice to this relay
+
+	mu         sync.Mutex
+	draining   bool
+	peers      map[string]string // live peer relays: ID → cluster address
+	helloEpoch string            // the control plane's (epoch, seq) at the last hello
+	helloSeq   uint64
 }
 
 // New validates cfg and returns a relay. Call Start before serving.
@@ -144,12 +164,13 @@ func New(cfg Config) (*Server, error) {
 	cfg.MaxIdleStreams = cmp.Or(cfg.MaxIdleStreams, 256)
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
+	cfg.HelloInterval = cmp.Or(cfg.HelloInterval, controlplane.HelloInterval)
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
-		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1)}
+		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1), revoked: map[string]bool{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reg = newRegistry()
 	s.tcp = newTCPListeners(cfg.TCPHost, s.reg, s.metrics, log)
@@ -173,6 +194,7 @@ func (s *Server) Start(ctx context.Context) error {
 			return fmt.Errorf("reset presence of relay %s: %w", s.cfg.RelayID, err)
 		}
 		s.log.Warn("control plane unreachable at start: serving from the replica", "err", err)
+		s.needSync.Store(true) // it may still count sessions of this relay's last run
 	}
 	fresh := false
 	if watching {
@@ -186,6 +208,8 @@ func (s *Server) Start(ctx context.Context) error {
 		return err
 	}
 	s.loops.Go(func() { s.follow(watching, fresh) })
+	s.loops.Go(s.helloLoop)
+	s.loops.Go(s.serveRevocations)
 	return nil
 }
 

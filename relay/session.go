@@ -53,6 +53,23 @@ type session struct {
 
 	closeOnce sync.Once
 	closed    chan struct{}
+
+	holdingSync bool // the handshake holds srv.syncMu (read)
+}
+
+// holdSync makes a sync of the relay's sessions wait until releaseSync:
+// from the session's connect to its routing, the control plane and the
+// routing table disagree about it.
+func (sess *session) holdSync() {
+	sess.srv.syncMu.RLock()
+	sess.holdingSync = true
+}
+
+func (sess *session) releaseSync() {
+	if sess.holdingSync {
+		sess.holdingSync = false
+		sess.srv.syncMu.RUnlock()
+	}
 }
 
 // outFrame is a control frame queued for the writer.
@@ -96,8 +113,12 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 
 	leases, err := sess.handshake(ctx)
 	if err != nil {
+		sess.releaseSync()
 		s.metrics.handshakes.WithLabelValues(handshakeResult(err)).Inc()
 		sess.log.Info("agent handshake failed", "err", err)
+		if sess.deviceID != "" {
+			s.goodbye(sess) // connected, then failed: nothing may count it online
+		}
 		sess.end(err)
 		return
 	}
@@ -105,24 +126,37 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 	s.metrics.sessions.Inc()
 	// Routable before the agent learns its names: a request made the moment
 	// it does must find the session.
-	if err = s.admit(sess); err == nil {
+	err = s.admit(sess)
+	sess.releaseSync()
+	if err == nil {
 		sess.send(leases)
 		sess.log.Info("agent connected", "generation", sess.generation(), "services", len(sess.leases))
 		err = sess.controlLoop()
 	}
-	s.forget(sess)
+	s.goodbye(sess)
 	sess.end(err)
 	s.metrics.sessions.Dec()
-	// A relay that shuts down reports all its sessions ended at once
-	// (ResetRelay in Shutdown) instead of one request per session.
-	if !s.isDraining() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if derr := s.cp.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: sess.deviceID, Generation: sess.generation()}); derr != nil {
-			sess.log.Warn("report disconnect to control plane", "err", derr)
+	sess.log.Info("agent disconnected", "generation", sess.generation(), "reason", err)
+}
+
+// goodbye takes a session out of the routing table and tells the control
+// plane, unless the relay is shutting down: then it reports all its
+// sessions ended at once (ResetRelay in Shutdown). A sync waits for it.
+func (s *Server) goodbye(sess *session) {
+	s.syncMu.RLock()
+	defer s.syncMu.RUnlock()
+	s.forget(sess)
+	if s.isDraining() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.cp.Disconnect(ctx, controlplane.DisconnectRequest{DeviceID: sess.deviceID, Generation: sess.generation()}); err != nil {
+		sess.log.Warn("report disconnect to control plane", "err", err)
+		if controlplane.KindOf(err) == controlplane.KindUnavailable {
+			s.needSync.Store(true)
 		}
 	}
-	sess.log.Info("agent disconnected", "generation", sess.generation(), "reason", err)
 }
 
 // admit puts sess in the routing table, fails the session it supersedes
@@ -218,7 +252,9 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 		return nil, refuse(frames.CodeUnauthorized, "bad signature for device key "+frames.DeviceID(hello.PublicKey[:]))
 	}
 	// The control plane checks the signature again: relay credentials alone
-	// do not open a session.
+	// do not open a session. From here until the session is routed, a sync
+	// of the sessions held here waits.
+	sess.holdSync()
 	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID,
 		AgentVersion: hello.AgentVersion, Nonce: ch.Nonce, Signature: auth.Signature})
 	if err != nil {
@@ -226,6 +262,9 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	}
 	sess.deviceID, sess.name = cr.DeviceID, cr.Name
 	sess.gen.Store(cr.Generation)
+	if s.isRevoked(cr.DeviceID) {
+		return nil, refuse(frames.CodeRevoked, "device "+cr.Name+" was revoked")
+	}
 	sess.log = sess.log.With("device", cr.Name, "device_id", cr.DeviceID)
 	sess.send(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation})
 	reg, err := frames.ReadAs[*frames.Register](ctrl, 0)

@@ -3,7 +3,9 @@ package relay
 import (
 	"errors"
 	"log/slog"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -28,6 +30,7 @@ type tcpListeners struct {
 
 	mu     sync.Mutex
 	lns    map[uint16]*portListener
+	failed map[uint16]bool       // routed ports that could not be bound
 	conns  map[net.Conn]struct{} // public connections being spliced
 	closed bool
 	wg     sync.WaitGroup // accept loops and spliced connections
@@ -50,7 +53,7 @@ func (p *portListener) close() {
 
 func newTCPListeners(host string, reg *registry, m *metrics, log *slog.Logger) *tcpListeners {
 	return &tcpListeners{host: host, reg: reg, metrics: m, log: log, listen: net.Listen,
-		lns: map[uint16]*portListener{}, conns: map[net.Conn]struct{}{}}
+		lns: map[uint16]*portListener{}, failed: map[uint16]bool{}, conns: map[net.Conn]struct{}{}}
 }
 
 // sync binds the given ports if the table routes them and closes their
@@ -71,6 +74,8 @@ func (t *tcpListeners) sync(ports []uint16) {
 		case !want && bound:
 			pl.close()
 			delete(t.lns, p)
+		case !want:
+			delete(t.failed, p)
 		}
 	}
 }
@@ -81,11 +86,20 @@ func (t *tcpListeners) bindLocked(port uint16, rt route) {
 	if err != nil {
 		t.metrics.tcpListenErrors.Inc()
 		t.log.Error("cannot listen for TCP lease", "addr", addr, "device_id", rt.deviceID, "service", rt.service, "err", err)
+		t.failed[port] = true
 		return
 	}
+	delete(t.failed, port)
 	pl := &portListener{port: port, ln: ln, done: make(chan struct{})}
 	t.lns[port] = pl
 	t.wg.Go(func() { t.acceptLoop(pl) })
+}
+
+// unbound returns the ports that should be bound and are not, sorted.
+func (t *tcpListeners) unbound() []uint16 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Sorted(maps.Keys(t.failed))
 }
 
 // close closes every listener and every spliced connection, refuses to

@@ -102,6 +102,7 @@ func (n *Node) Start() {
 		TCPHost:          n.Host,
 		HandshakeTimeout: 5 * time.Second,
 		DrainWindow:      time.Second,
+		HelloInterval:    n.env.HelloInterval,
 		Logger:           log,
 		Registerer:       n.Metrics,
 	}
@@ -114,6 +115,8 @@ func (n *Node) Start() {
 	if err := n.Relay.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	rl := n.Relay
+	n.nc.SetReconnectHandler(func(*nats.Conn) { rl.Resync() })
 	https := listen(t, &n.HTTPSAddr)
 	plain := listen(t, &n.HTTPAddr)
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)

@@ -11,6 +11,7 @@ package relaytest
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -43,6 +44,9 @@ type Options struct {
 	RelayConfig func(*relay.Config)
 	// Logger; nil logs to the test's output.
 	Logger *slog.Logger
+	// HelloInterval is the relays' and the control plane's. Zero means 1s
+	// (a relay silent for 3s is down).
+	HelloInterval time.Duration
 }
 
 // Env is a running Tether server.
@@ -57,19 +61,22 @@ type Env struct {
 	Relay    *relay.Server        // the first relay's; nil while it is stopped
 	Metrics  *prometheus.Registry // the first relay's metrics
 	Logger   *slog.Logger
+	// HelloInterval is the relays' and the control plane's.
+	HelloInterval time.Duration
 
-	opts     Options
-	cpNC     *nats.Conn
-	main     *Node                                 // the first relay
-	added    []*Node                               // by AddRelay
-	connect  func(name string) (*nats.Conn, error) // a NATS connection as a relay
-	enroller *natsapi.Client                       // see Enroll
+	opts      Options
+	cpNC      *nats.Conn
+	main      *Node   // the first relay
+	added     []*Node // by AddRelay
+	cpStopped bool
+	connect   func(name string) (*nats.Conn, error) // a NATS connection as a relay
+	enroller  *natsapi.Client                       // see Enroll
 }
 
 // Start starts a server and registers its shutdown with t.Cleanup.
 func Start(t testing.TB, opts Options) *Env {
 	t.Helper()
-	e := &Env{T: t, DataDir: t.TempDir(), Domain: "localhost", opts: opts, Logger: opts.Logger}
+	e := &Env{T: t, DataDir: t.TempDir(), Domain: "localhost", opts: opts, Logger: opts.Logger, HelloInterval: cmp.Or(opts.HelloInterval, time.Second)}
 	if e.Logger == nil {
 		e.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -83,13 +90,8 @@ func Start(t testing.TB, opts Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.cpNC.Close)
-	e.CP, err = daemon.Start(context.Background(), e.cpNC, daemon.Config{
-		DataDir: e.DataDir, TCPPorts: e.TCPPorts, Domain: e.Domain, ClaimWait: 50 * time.Millisecond, Logger: e.Logger.With("component", "controlplane"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e.CP.Close() })
+	e.StartControlPlane()
+	t.Cleanup(e.StopControlPlane)
 	// The control plane's cluster root, which every relay's certificates
 	// chain to (its key too: tests may issue with it).
 	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
@@ -100,6 +102,32 @@ func Start(t testing.TB, opts Options) *Env {
 	e.StartRelay()
 	t.Cleanup(e.StopRelay)
 	return e
+}
+
+// StartControlPlane starts the control plane (again), on the same data
+// dir and NATS connection.
+func (e *Env) StartControlPlane() {
+	e.T.Helper()
+	cp, err := daemon.Start(context.Background(), e.cpNC, daemon.Config{
+		DataDir: e.DataDir, TCPPorts: e.TCPPorts, Domain: e.Domain, ClaimWait: 50 * time.Millisecond,
+		HelloInterval: e.HelloInterval, Logger: e.Logger.With("component", "controlplane"),
+	})
+	if err != nil {
+		e.T.Fatal(err)
+	}
+	e.CP, e.cpStopped = cp, false
+}
+
+// StopControlPlane stops the control plane, as a crash would for the
+// relays: its requests go unanswered. CP stays set, its store closed.
+func (e *Env) StopControlPlane() {
+	if e.cpStopped {
+		return
+	}
+	e.cpStopped = true
+	if err := e.CP.Close(); err != nil {
+		e.T.Errorf("stop the control plane: %v", err)
+	}
 }
 
 // StartRelay starts the first relay (again) on the same addresses.

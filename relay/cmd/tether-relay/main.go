@@ -176,6 +176,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Events published while NATS was away are lost: catch up.
+	relayNC.SetReconnectHandler(func(nc *nats.Conn) {
+		log.Info("NATS reconnected", "server", nc.ConnectedUrlRedacted())
+		rl.Resync()
+	})
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = rl.Start(startCtx)
 	cancel()
