@@ -94,7 +94,7 @@ func (o DialOptions) HTTPClient() *http.Client {
 		// A relay's redirect is never followed: the agent sends its
 		// enrollment token and its session to the relay it was given only.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		Transport: &http.Transport{
+		Transport: coalescingTransport{&http.Transport{
 			Proxy:                  o.Proxy,
 			DialContext:            dial,
 			TLSClientConfig:        tc,
@@ -102,7 +102,7 @@ func (o DialOptions) HTTPClient() *http.Client {
 			DisableKeepAlives:      true, // also after a refused upgrade: no idle pool to leak
 			ForceAttemptHTTP2:      false,
 			MaxResponseHeaderBytes: 64 << 10,
-		}}
+		}}}
 }
 
 // ErrProtocol means the peer does not speak this version of the protocol.
