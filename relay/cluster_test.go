@@ -3,6 +3,7 @@ package relay_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -155,4 +156,58 @@ func awaitReachable(t *testing.T, rl *relay.Server, up bool) {
 		}
 		return nil
 	})
+}
+
+// TestOfflineAdmission: while the control plane is away, a known device
+// that reconnects is admitted from the replica under its known names (a
+// new service waits), enrollment is refused with 503 saying why, and once
+// the control plane is back the session is synced and the new service
+// leased.
+func TestOfflineAdmission(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	web, ssh, extra := frames.Service{Name: "web", Proto: "http"}, frames.Service{Name: "ssh", Proto: "tcp"}, frames.Service{Name: "api", Proto: "http"}
+	first := e.EnrolledRaw(t, nil, "pi01", web, ssh)
+	token := e.Token(1)
+	before, err := e.CP.Store.Device(context.Background(), "pi01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	awaitReachable(t, e.Relay, true)
+
+	e.StopControlPlane()
+	awaitReachable(t, e.Relay, false)
+	first.Mux.Close()
+	ra := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
+	leases := ra.Handshake(t, first.Key, web, ssh, extra)
+	if len(leases.Leases) != 2 || leases.Leases[0].Hostname != "web-pi01.localhost" || leases.Leases[1].Port != e.TCPPorts.First {
+		t.Fatalf("leases while the control plane is away: %+v", leases.Leases)
+	}
+	ra.ServeHTTP(t, echoHandler)
+	e.AwaitPage(false, "web-pi01.localhost", "/", 200, "hello from device", 10*time.Second)
+	if n := e.Counter("tether_relay_admissions_total", "replica"); n != 1 {
+		t.Fatalf("%v admissions from the replica", n)
+	}
+
+	resp, err := e.Client().Post("https://localhost"+frames.EnrollPath, "application/json",
+		strings.NewReader(fmt.Sprintf(`{"token":%q,"public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","name":"pi09"}`, token)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 503 || !strings.Contains(string(body), "cannot reach") {
+		t.Fatalf("enrollment while the control plane is away: %d %s", resp.StatusCode, body)
+	}
+
+	e.StartControlPlane()
+	awaitReachable(t, e.Relay, true)
+	d, err := e.CP.Store.Device(context.Background(), "pi01")
+	if err != nil || !d.Online || d.Relay != "relay-test" || d.Generation <= before.Generation {
+		t.Fatalf("after the sync: %+v %v (generation before %d)", d, err, before.Generation)
+	}
+	again, ok := ra.Recv(t).(*frames.Leases)
+	if !ok || len(again.Leases) != 3 {
+		t.Fatalf("leases after the control plane returned: %+v", again)
+	}
+	e.AwaitPage(false, "api-pi01.localhost", "/", 200, "hello from device", 10*time.Second)
 }

@@ -34,10 +34,14 @@ func (s *Server) serveEnroll(w http.ResponseWriter, r *http.Request) {
 		kind := controlplane.KindOf(err)
 		s.metrics.enrollments.WithLabelValues(string(kind)).Inc()
 		msg := err.Error()
-		if kind == controlplane.KindInternal {
+		switch kind {
+		case controlplane.KindInternal:
 			s.log.Error("enrollment failed", "remote", r.RemoteAddr, "err", err)
 			msg = "internal error"
-		} else {
+		case controlplane.KindUnavailable:
+			s.log.Warn("enrollment refused: control plane unreachable", "remote", r.RemoteAddr, "err", err)
+			msg = "enrollment needs the control plane, which this relay cannot reach right now; try again later (enrolled devices keep connecting)"
+		default:
 			s.log.Info("enrollment refused", "remote", r.RemoteAddr, "name", req.Name, "reason", msg)
 		}
 		writeJSON(w, kind.HTTPStatus(), frames.HTTPError{Error: msg})

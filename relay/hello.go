@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"sync"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
@@ -51,12 +52,14 @@ func (s *Server) hello() {
 	s.setPeers(resp.Relays)
 	s.checkSeq(resp.Epoch, resp.Seq)
 	if s.needSync.Load() {
-		if err := s.syncSessions(ctx); err != nil {
+		pending, err := s.syncSessions(ctx)
+		if err != nil {
 			s.metrics.syncs.WithLabelValues("error").Inc()
 			s.log.Warn("sync the sessions held here with the control plane", "err", err)
 			return // reachable only once synced: tried again at the next hello
 		}
 		s.metrics.syncs.WithLabelValues("ok").Inc()
+		s.reregister(pending)
 	}
 	if s.setReachable(true) {
 		s.log.Info("control plane reachable", "relays", len(resp.Relays))
@@ -135,8 +138,9 @@ func (s *Server) Peers() map[string]string {
 // it was away, and adopts its answer: each session it accepted takes the
 // generation it now has; a session it left out (superseded elsewhere, or
 // revoked) is closed. Handshakes and goodbyes wait meanwhile (syncMu), so
-// the list it sends is the truth.
-func (s *Server) syncSessions(ctx context.Context) error {
+// the list it sends is the truth. It returns the registrations of
+// accepted sessions that the control plane has not seen yet.
+func (s *Server) syncSessions(ctx context.Context) (map[*session]*frames.Register, error) {
 	s.syncMu.Lock()
 	defer s.syncMu.Unlock()
 	sessions := s.reg.all()
@@ -148,13 +152,14 @@ func (s *Server) syncSessions(ctx context.Context) error {
 	resp, err := s.cp.Sync(ctx, req)
 	if err != nil {
 		s.needSync.Store(true)
-		return fmt.Errorf("sync %d sessions: %w", len(req.Sessions), err)
+		return nil, fmt.Errorf("sync %d sessions: %w", len(req.Sessions), err)
 	}
 	accepted := make(map[string]uint64, len(resp.Sessions))
 	for _, a := range resp.Sessions {
 		accepted[a.DeviceID] = a.Generation
 	}
 	var closed int
+	pending := map[*session]*frames.Register{}
 	for _, sess := range sessions {
 		gen, ok := accepted[sess.deviceID]
 		if !ok {
@@ -166,7 +171,30 @@ func (s *Server) syncSessions(ctx context.Context) error {
 			sess.gen.Store(gen)
 			sess.log.Info("session renumbered by the control plane", "generation", gen, "was", old)
 		}
+		if reg := sess.synced(); reg != nil {
+			pending[sess] = reg
+		}
 	}
-	s.log.Info("sessions synced with the control plane", "held", len(sessions), "accepted", len(accepted), "closed", closed)
-	return nil
+	s.log.Info("sessions synced with the control plane", "held", len(sessions), "accepted", len(accepted), "closed", closed, "to_register", len(pending))
+	return pending, nil
+}
+
+// reregisterConcurrency bounds the registrations made at once after a sync.
+const reregisterConcurrency = 16
+
+// reregister makes the registrations the control plane did not see while
+// it was away, a few at a time, and tells each agent its leases.
+func (s *Server) reregister(pending map[*session]*frames.Register) {
+	sem := make(chan struct{}, reregisterConcurrency)
+	var wg sync.WaitGroup
+	for sess, reg := range pending {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+			defer cancel()
+			sess.reregister(ctx, reg)
+		})
+	}
+	wg.Wait()
 }

@@ -55,6 +55,50 @@ type session struct {
 	closed    chan struct{}
 
 	holdingSync bool // the handshake holds srv.syncMu (read)
+
+	regMu       sync.Mutex       // one registration at a time; guards the two below
+	provisional bool             // admitted from the replica, not yet synced
+	pending     *frames.Register // a registration the control plane has not seen yet
+}
+
+// knownLeases returns the leases the replica knows for the services of reg.
+func (sess *session) knownLeases(reg *frames.Register) []controlplane.Lease {
+	rec, _ := sess.srv.replica.Device(sess.deviceID)
+	var out []controlplane.Lease
+	for _, svc := range reg.Services {
+		for _, l := range rec.Leases {
+			if l.Service == svc.Name && l.Proto == svc.Proto {
+				out = append(out, l)
+			}
+		}
+	}
+	return out
+}
+
+// synced marks the session as known to the control plane after a sync,
+// and returns the registration it has not seen, if any.
+func (sess *session) synced() *frames.Register {
+	sess.regMu.Lock()
+	defer sess.regMu.Unlock()
+	sess.provisional = false
+	return sess.pending
+}
+
+// reregister makes the registration the control plane has not seen, now
+// that it answers, and sends the agent its leases (new services get
+// theirs).
+func (sess *session) reregister(ctx context.Context, reg *frames.Register) {
+	out, leases, err := sess.register(ctx, reg)
+	if err != nil {
+		sess.log.Warn("register services after the control plane returned", "err", err)
+		var se *sessionError
+		if errors.As(err, &se) {
+			sess.fail(se.code, se.msg)
+		}
+		return
+	}
+	sess.srv.tcp.sync(sess.srv.reg.update(sess, leases))
+	sess.send(out)
 }
 
 // holdSync makes a sync of the relay's sessions wait until releaseSync:
@@ -257,6 +301,11 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	sess.holdSync()
 	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID,
 		AgentVersion: hello.AgentVersion, Nonce: ch.Nonce, Signature: auth.Signature})
+	if controlplane.KindOf(err) == controlplane.KindUnavailable {
+		cr, err = sess.admitFromReplica(hello.PublicKey[:], err)
+	} else if err == nil {
+		s.metrics.admissions.WithLabelValues("control_plane").Inc()
+	}
 	if err != nil {
 		return nil, sess.refuseCP(err)
 	}
@@ -280,17 +329,57 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	return out, nil
 }
 
+// admitFromReplica authenticates a device while the control plane is
+// away (cpErr says why): the replica knows its key and it is not revoked.
+// The session gets a provisional generation, the one above the newest the
+// relay has seen, and the names the replica knows; the control plane
+// learns of it when the sessions are synced.
+func (sess *session) admitFromReplica(pub []byte, cpErr error) (controlplane.ConnectResponse, error) {
+	s := sess.srv
+	rec, gen, err := s.replica.Admit(pub)
+	if err != nil {
+		if kind := controlplane.KindOf(err); kind == controlplane.KindUnauthorized || kind == controlplane.KindRevoked {
+			return controlplane.ConnectResponse{}, controlplane.Errorf(kind, "the control plane is unreachable and %v", err)
+		}
+		return controlplane.ConnectResponse{}, fmt.Errorf("admit from the replica (control plane unreachable: %w): %w", cpErr, err)
+	}
+	sess.regMu.Lock()
+	sess.provisional = true
+	sess.regMu.Unlock()
+	s.needSync.Store(true)
+	s.metrics.admissions.WithLabelValues("replica").Inc()
+	sess.log.Info("control plane unreachable: device admitted from the replica", "device", rec.Name, "device_id", rec.ID, "generation", gen, "err", cpErr)
+	return controlplane.ConnectResponse{DeviceID: rec.ID, Name: rec.Name, Generation: gen}, nil
+}
+
 // register records the agent's services with the control plane and
 // returns their leases, as a frame for the agent and as the control
-// plane's records. It sends nothing.
+// plane's records. It sends nothing. While the control plane is away (or
+// has not accepted the session yet: it was admitted from the replica),
+// the services get the leases the replica knows for them, new services
+// none, and the registration is made once the sessions are synced.
 func (sess *session) register(ctx context.Context, reg *frames.Register) (*frames.Leases, []controlplane.Lease, error) {
-	req := controlplane.RegisterRequest{DeviceID: sess.deviceID, Generation: sess.generation()}
-	for _, svc := range reg.Services {
-		req.Services = append(req.Services, controlplane.Service{Name: svc.Name, Proto: svc.Proto})
+	sess.regMu.Lock()
+	defer sess.regMu.Unlock()
+	var leases []controlplane.Lease
+	var err error = controlplane.Errorf(controlplane.KindUnavailable, "session not synced with the control plane yet")
+	if !sess.provisional {
+		req := controlplane.RegisterRequest{DeviceID: sess.deviceID, Generation: sess.generation()}
+		for _, svc := range reg.Services {
+			req.Services = append(req.Services, controlplane.Service{Name: svc.Name, Proto: svc.Proto})
+		}
+		leases, err = sess.srv.cp.Register(ctx, req)
+		if err != nil && controlplane.KindOf(err) != controlplane.KindUnavailable {
+			return nil, nil, sess.refuseCP(err)
+		}
 	}
-	leases, err := sess.srv.cp.Register(ctx, req)
+	sess.pending = nil
 	if err != nil {
-		return nil, nil, sess.refuseCP(err)
+		leases = sess.knownLeases(reg)
+		sess.pending = reg
+		sess.srv.needSync.Store(true)
+		sess.log.Info("services registered with the leases the replica knows; the control plane is told once it answers",
+			"services", len(reg.Services), "leased", len(leases), "err", err)
 	}
 	out := &frames.Leases{}
 	for _, l := range leases {
