@@ -10,7 +10,7 @@ AGENT_TAGS := nethttpomithttp2
 export CGO_ENABLED := 0
 export GOTOOLCHAIN := local
 
-.PHONY: help build run test test-short tools cross bench fuzz clean
+.PHONY: help build run cluster test test-short tools cross bench fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -23,6 +23,10 @@ build: ## build tether-relay, tether-agent, tether-controlplane and tetherctl in
 run: build ## start the demo: a standalone relay and an agent exposing a demo page; prints the URL
 	$(GO) build -o bin/tether-demo ./relay/cmd/tether-demo
 	./bin/tether-demo
+
+cluster: ## start a cluster here: real NATS, a control plane, 3 relays on 127.0.0.1-3, an agent; prints the demo's URL on each relay
+	$(GO) build -o bin/tether-cluster ./relay/cmd/tether-cluster
+	./bin/tether-cluster
 
 tools: ## install what the tests need: qemu-user-static (Debian) for the ARM smoke test
 	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null; then :; \
