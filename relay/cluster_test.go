@@ -211,3 +211,25 @@ func TestOfflineAdmission(t *testing.T) {
 	}
 	e.AwaitPage(false, "api-pi01.localhost", "/", 200, "hello from device", 10*time.Second)
 }
+
+// TestForwardAcrossRelays: a public request that reaches relay B for a
+// device whose agent relay A holds is forwarded to A and served, with the
+// public client's address in X-Forwarded-For; once the device leaves, B
+// says it is offline.
+func TestForwardAcrossRelays(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	b := e.AddRelay("relay-b")
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	ra.ServeHTTP(t, echoHandler)
+	for _, tls := range []bool{false, true} {
+		b.AwaitPage(tls, "web-pi01.localhost", "/x", 200, "hello from device; host=web-pi01.localhost xff=127.0.0.1", 10*time.Second)
+	}
+	if n := b.Counter("tether_relay_forwarded_streams_total", "relay-test"); n < 1 {
+		t.Errorf("%v streams forwarded to relay-test", n)
+	}
+	if peers := b.Relay.Peers(); peers["relay-test"] == "" {
+		t.Errorf("relay-b's peers: %v", peers)
+	}
+	ra.Mux.Close()
+	b.AwaitPage(false, "web-pi01.localhost", "/", 503, "pi01 is offline", 10*time.Second)
+}

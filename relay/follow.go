@@ -171,10 +171,11 @@ func (s *Server) eventEffects(ev controlplane.DeviceEvent) {
 	}
 }
 
-// replicaChanged follows a change of the replica: after a snapshot (which
-// may carry what events were lost), the sessions held here are checked
-// against it.
+// replicaChanged follows a change of the replica: the TCP listeners
+// follow its leases, and after a snapshot (which may carry what events
+// were lost) the sessions held here are checked against it.
 func (s *Server) replicaChanged(snapshot bool) {
+	s.tcp.reconcile()
 	if !snapshot {
 		return
 	}

@@ -123,9 +123,6 @@ func (s *Server) setPeers(relays []controlplane.RelayInfo) {
 	}
 }
 
-// forgetPeer drops what the relay keeps about a peer relay that left.
-func (s *Server) forgetPeer(string) {}
-
 // Peers returns the live peer relays as the last hello's answer listed
 // them (ID → cluster address).
 func (s *Server) Peers() map[string]string {

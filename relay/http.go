@@ -13,32 +13,32 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
 )
 
 // servePublic is the whole route of a public HTTP request through the
 // relay, top to bottom:
 //
-//	Host → hostname label → route (session, service) → that service's proxy
+//	Host → hostname label → a session here? → that service's proxy
+//	                      → else the replica: device online on relay X → X's forwarding proxy
 //
-// and an error page wherever the route ends early. The proxy belongs to
-// the device session and the service, so nothing of the route travels in
-// the request's context or in a made-up URL.
+// and an error page wherever the route ends early. A proxy belongs to a
+// device session and a service (or, forwarded, to a device and a
+// service), so nothing of the route travels in the request's context or
+// in a made-up URL.
 func (s *Server) servePublic(w http.ResponseWriter, r *http.Request, scheme string) {
 	label, ok := s.label(r.Host)
-	if !ok {
+	if !ok || s.ownName(r.Host) {
 		s.errorPage(w, http.StatusNotFound, "unknown_host", "Unknown host",
 			fmt.Sprintf("No Tether service is published at %s. Service hostnames look like SERVICE-DEVICE.%s.", r.Host, s.cfg.Domain))
 		return
 	}
-	sess, service := s.reg.lookupHost(label)
-	if sess == nil {
-		s.serveAbsent(w, r, label)
+	if sess, service := s.reg.lookupHost(label); sess != nil && !s.isRevoked(sess.deviceID) {
+		s.metrics.httpRequests.WithLabelValues(scheme).Inc()
+		sess.proxy(service).ServeHTTP(w, r)
 		return
 	}
-	s.metrics.httpRequests.WithLabelValues(scheme).Inc()
-	sess.proxy(service).ServeHTTP(w, r)
+	s.serveElsewhere(w, r, label, scheme)
 }
 
 // label returns the first label of host when host is a direct subdomain
@@ -55,28 +55,36 @@ func (s *Server) label(host string) (string, bool) {
 	return label, true
 }
 
-// serveAbsent answers for a hostname no local session serves: unknown,
-// offline, or served elsewhere.
-func (s *Server) serveAbsent(w http.ResponseWriter, r *http.Request, label string) {
+// serveElsewhere serves a hostname that no session here holds, from the
+// replica: forwarded to the relay holding the device, or the page that
+// says why not (unknown, revoked, offline). This relay's own presence in
+// the replica is never trusted over its routing table.
+func (s *Server) serveElsewhere(w http.ResponseWriter, r *http.Request, label, scheme string) {
 	host := s.Hostname(label)
-	l, err := s.cp.Lookup(r.Context(), controlplane.LookupRequest{Hostname: label})
-	switch {
-	case controlplane.KindOf(err) == controlplane.KindNotFound:
+	rec, lease, ok := s.replica.ByHostname(label)
+	if !ok {
+		s.metrics.replicaLookups.WithLabelValues("miss").Inc()
 		s.errorPage(w, http.StatusNotFound, "unknown_host", "Unknown host", fmt.Sprintf("No Tether service is published at %s.", host))
-	case err != nil:
-		s.log.Warn("look up hostname", "host", host, "err", err)
-		s.errorPage(w, http.StatusServiceUnavailable, "control_plane", "Temporarily unavailable",
-			fmt.Sprintf("The relay cannot reach its control plane to find %s. Try again shortly.", host))
-	case l.Online && l.Relay != s.cfg.RelayID:
-		s.errorPage(w, http.StatusBadGateway, "other_relay", "Device on another relay",
-			fmt.Sprintf("Device %s is connected to relay %s, and this relay does not forward to other relays yet.", l.DeviceName, l.Relay))
-	case l.Online:
+		return
+	}
+	s.metrics.replicaLookups.WithLabelValues("hit").Inc()
+	switch {
+	case s.isRevoked(rec.ID):
+		s.errorPage(w, http.StatusServiceUnavailable, "revoked", "Device revoked",
+			fmt.Sprintf("Device %s was revoked by the operator, so its service %s at %s is no longer served.", rec.Name, lease.Service, host))
+	case lease.Online && lease.Relay == s.cfg.RelayID:
 		// Registered a moment ago or leaving right now: the client may retry.
 		s.errorPage(w, http.StatusServiceUnavailable, "offline", "Device reconnecting",
-			fmt.Sprintf("Device %s is reconnecting; try again in a moment.", l.DeviceName))
-	default:
+			fmt.Sprintf("Device %s is reconnecting; try again in a moment.", rec.Name))
+	case !lease.Online:
 		s.errorPage(w, http.StatusServiceUnavailable, "offline", "Device offline",
-			fmt.Sprintf("Device %s is offline, so its service %s at %s cannot be reached. It is served again as soon as the device reconnects.", l.DeviceName, l.Service, host))
+			fmt.Sprintf("Device %s is offline, so its service %s at %s cannot be reached. It is served again as soon as the device reconnects.", rec.Name, lease.Service, host))
+	case s.peer == nil:
+		s.errorPage(w, http.StatusBadGateway, "other_relay", "Device on another relay",
+			fmt.Sprintf("Device %s is connected to relay %s, and this relay has no cluster listener to forward to it.", rec.Name, lease.Relay))
+	default:
+		s.metrics.httpRequests.WithLabelValues(scheme).Inc()
+		s.forwarder(rec.ID, rec.Name, lease.Service).ServeHTTP(w, r)
 	}
 }
 
@@ -92,24 +100,36 @@ func (s *Server) errorPage(w http.ResponseWriter, status int, reason, title, msg
 		status, html.EscapeString(title), html.EscapeString(title), html.EscapeString(msg), html.EscapeString(s.cfg.RelayID), status)
 }
 
-// serviceProxy is the reverse proxy to one service of one device session.
-// Its transport's connections are data streams for that service, and idle
-// ones are kept for reuse (up to MaxIdleStreams).
+// serviceProxy is the reverse proxy to one service of a device. Its
+// transport's connections are data streams for that service (through a
+// peer relay when forwarded), and idle ones are kept for reuse (up to
+// MaxIdleStreams).
 type serviceProxy struct {
 	*httputil.ReverseProxy
 	transport *http.Transport
 }
 
-// newServiceProxy builds the proxy of a (session, service) pair: it keeps
-// the public Host, sets X-Forwarded-*, streams responses unbuffered and
-// upgrades WebSockets (ReverseProxy's own handling).
-func (s *Server) newServiceProxy(sess *session, service string) *serviceProxy {
+// upstream is where a serviceProxy's connections go.
+type upstream struct {
+	device, service string
+	// dial opens a data stream to the service and waits for the agent's
+	// answer, so that a refusal is a clear dial error; pooled streams pay
+	// this round trip only once.
+	dial func(ctx context.Context) (net.Conn, error)
+	// gone reports whether the device's session here ended; nil for a
+	// forwarded service.
+	gone func() bool
+}
+
+// newServiceProxy builds the proxy of a device's service: it keeps the
+// public Host, sets X-Forwarded-* (X-Forwarded-For is the public client's
+// address, also when forwarded through a peer relay), streams responses
+// unbuffered and upgrades WebSockets (ReverseProxy's own handling).
+func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 	tr := &http.Transport{
 		// The address is the public Host (see Rewrite), which only keys the
 		// pool: every connection of this transport goes to this service.
-		DialContext: func(context.Context, string, string) (net.Conn, error) {
-			return sess.dialHTTP(service)
-		},
+		DialContext:           func(ctx context.Context, _, _ string) (net.Conn, error) { return up.dial(ctx) },
 		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,
 		IdleConnTimeout:       90 * time.Second,
 		DisableCompression:    true,
@@ -128,15 +148,14 @@ func (s *Server) newServiceProxy(sess *session, service string) *serviceProxy {
 		FlushInterval: 0,
 		BufferPool:    copyBuffers{},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			s.proxyError(w, r, err, sess, service)
+			s.proxyError(w, r, err, up)
 		},
 	}
 	return &serviceProxy{ReverseProxy: rp, transport: tr}
 }
 
-// dialHTTP opens a data stream to service for the HTTP transport. It waits
-// for the agent's answer, so that a refusal is a clear dial error; pooled
-// streams pay this round trip only once.
+// dialHTTP opens a data stream to service for the HTTP transport and
+// waits for the agent's answer.
 func (sess *session) dialHTTP(service string) (net.Conn, error) {
 	c, err := sess.openStream(service, "")
 	if err != nil {
@@ -160,27 +179,37 @@ func (copyBuffers) Put(b []byte) { copyBufferPool.Put(&b) }
 
 // proxyError answers a request the device's service could not serve with
 // the page that names why.
-func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error, sess *session, service string) {
+func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error, up upstream) {
 	var refused *RefusedError
+	var fwd *forwardError
 	switch {
 	case r.Context().Err() != nil:
 		// The public client went away; nobody reads an answer.
 		s.metrics.httpErrors.WithLabelValues("client_gone").Inc()
 	case errors.As(err, &refused) && refused.Refuse.Code == frames.CodeDialFailed:
 		s.errorPage(w, http.StatusBadGateway, "service_refused", "Service unreachable on the device",
-			fmt.Sprintf("Device %s is online, but its service %s did not accept the connection (%s).", sess.name, service, refused.Refuse.Message))
+			fmt.Sprintf("Device %s is online, but its service %s did not accept the connection (%s).", up.device, up.service, refused.Refuse.Message))
+	case errors.As(err, &refused) && refused.Refuse.Code == frames.CodeTooManyStreams:
+		s.errorPage(w, http.StatusServiceUnavailable, "too_many_streams", "Device busy",
+			fmt.Sprintf("Device %s has too many open connections; try again shortly.", up.device))
 	case errors.As(err, &refused):
 		s.errorPage(w, http.StatusBadGateway, "stream_refused", "Device refused the connection",
-			fmt.Sprintf("Device %s refused a connection to service %s: %s.", sess.name, service, refused.Refuse))
+			fmt.Sprintf("Device %s refused a connection to service %s: %s.", up.device, up.service, refused.Refuse))
 	case errors.Is(err, errTooManyStreams):
 		s.errorPage(w, http.StatusServiceUnavailable, "too_many_streams", "Device busy",
-			fmt.Sprintf("Device %s has too many open connections; try again shortly.", sess.name))
-	case sess.isClosed():
+			fmt.Sprintf("Device %s has too many open connections; try again shortly.", up.device))
+	case errors.As(err, &fwd) && len(fwd.unreachable) == 0:
+		s.errorPage(w, http.StatusServiceUnavailable, "offline", "Device reconnecting",
+			fmt.Sprintf("Device %s is not connected to any relay right now (it is moving, or went offline); try again in a moment.", up.device))
+	case errors.As(err, &fwd):
+		s.errorPage(w, http.StatusBadGateway, "relay_unreachable", "Relay unreachable",
+			fmt.Sprintf("Device %s is connected to relay %s, which this relay cannot reach (%s).", up.device, fwd.holder, fwd.why()))
+	case up.gone != nil && up.gone():
 		s.errorPage(w, http.StatusBadGateway, "offline", "Device went offline",
-			fmt.Sprintf("Device %s disconnected while serving this request.", sess.name))
+			fmt.Sprintf("Device %s disconnected while serving this request.", up.device))
 	default:
-		s.log.Info("proxy to device failed", "device", sess.name, "service", service, "err", err)
+		s.log.Info("proxy to device failed", "device", up.device, "service", up.service, "err", err)
 		s.errorPage(w, http.StatusBadGateway, "bad_gateway", "Bad gateway",
-			fmt.Sprintf("The connection to service %s of device %s failed.", service, sess.name))
+			fmt.Sprintf("The connection to service %s of device %s failed.", up.service, up.device))
 	}
 }

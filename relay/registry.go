@@ -153,6 +153,17 @@ func (r *registry) portRoute(port uint16) (route, bool) {
 	return rt, ok
 }
 
+// portList returns the TCP ports the live sessions hold.
+func (r *registry) portList() []uint16 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]uint16, 0, len(r.ports))
+	for p := range r.ports {
+		out = append(out, p)
+	}
+	return out
+}
+
 // all returns the live sessions.
 func (r *registry) all() []*session {
 	r.mu.Lock()

@@ -32,6 +32,8 @@ package relay
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,6 +49,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/wsmux"
+	"github.com/tetherfleet/tether/relay/peer"
 	"github.com/tetherfleet/tether/relay/replica"
 )
 
@@ -86,6 +89,17 @@ type Config struct {
 	// ClusterAddr is where peer relays reach this one, announced in its
 	// hellos. Empty means none (a relay without peers).
 	ClusterAddr string
+	// PeerCert is the relay's identity towards its peers: a leaf the
+	// cluster root issued to RelayID (Certs.Peer). Nil means the relay
+	// forwards nothing: a request for a device held by another relay gets
+	// a page saying so.
+	PeerCert *tls.Certificate
+	// PeerRoots holds the cluster root that peers' certificates chain to.
+	// Required with PeerCert.
+	PeerRoots *x509.CertPool
+	// MaxPeerStreams caps the streams open to one peer relay at once;
+	// beyond it new ones wait. Zero means 1024.
+	MaxPeerStreams int
 	// HelloInterval is how often the relay says hello to the control
 	// plane; it must be the control plane's. Zero means
 	// controlplane.HelloInterval.
@@ -104,6 +118,7 @@ type Server struct {
 	log     *slog.Logger
 	cp      controlplane.Cluster
 	replica *replica.Replica
+	peer    *peer.Transport // nil without a peer certificate
 	metrics *metrics
 	reg     *registry
 	tcp     *tcpListeners
@@ -125,6 +140,9 @@ type Server struct {
 	// told of and none it was told ended; handshakes from their connect
 	// to their routing, and goodbyes, are readers.
 	syncMu sync.RWMutex
+
+	fmu        sync.Mutex
+	forwarders map[string]*serviceProxy // device ID/service → proxy through peers
 
 	revokedMu sync.Mutex
 	revoked   map[string]bool // device IDs revoked by a notice to this relay
@@ -170,10 +188,15 @@ func New(cfg Config) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
-		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1), revoked: map[string]bool{}}
+		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1), revoked: map[string]bool{},
+		forwarders: map[string]*serviceProxy{}}
+	var err error
+	if s.peer, err = s.newPeerTransport(); err != nil {
+		return nil, err
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reg = newRegistry()
-	s.tcp = newTCPListeners(cfg.TCPHost, s.reg, s.metrics, log)
+	s.tcp = newTCPListeners(cfg.TCPHost, s.wantPort, s.leasedPorts, s.serveTCP, s.metrics, log)
 	return s, nil
 }
 
@@ -207,10 +230,34 @@ func (s *Server) Start(ctx context.Context) error {
 	if err := s.checkPublicNames(); err != nil {
 		return err
 	}
+	s.tcp.reconcile()
+	s.loops.Go(func() { s.tcp.retryLoop(s.ctx) })
 	s.loops.Go(func() { s.follow(watching, fresh) })
 	s.loops.Go(s.helloLoop)
 	s.loops.Go(s.serveRevocations)
 	return nil
+}
+
+// wantPort reports whether a TCP port is leased: to a session here, or
+// in the replica.
+func (s *Server) wantPort(port uint16) bool {
+	if _, ok := s.reg.portRoute(port); ok {
+		return true
+	}
+	_, _, ok := s.replica.ByPort(port)
+	return ok
+}
+
+// leasedPorts returns every leased TCP port: the replica's and those of
+// the sessions here (which the replica may not know yet).
+func (s *Server) leasedPorts() []uint16 {
+	ports := s.replica.Ports()
+	for _, p := range s.reg.portList() {
+		if _, found := slices.BinarySearch(ports, p); !found {
+			ports = append(ports, p)
+		}
+	}
+	return ports
 }
 
 // checkPublicNames refuses a public name of the relay that the replica
@@ -328,6 +375,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.tcp.close()
 		s.wg.Wait()
 		s.loops.Wait()
+		s.closePeers()
 		close(done)
 	}()
 	select {
@@ -400,7 +448,17 @@ func (s *Server) Close() error {
 	s.tcp.close()
 	s.wg.Wait()
 	s.loops.Wait()
+	s.closePeers()
 	return nil
+}
+
+// closePeers closes the peer transport (its sessions both ways) and the
+// forwarding proxies' idle streams.
+func (s *Server) closePeers() {
+	if s.peer != nil {
+		s.peer.Close()
+	}
+	s.closeForwarders()
 }
 
 // Sessions is the number of live agent sessions.

@@ -533,7 +533,8 @@ func (sess *session) proxy(service string) *serviceProxy {
 	defer sess.pmu.Unlock()
 	p, ok := sess.proxies[service]
 	if !ok {
-		p = sess.srv.newServiceProxy(sess, service)
+		p = sess.srv.newServiceProxy(upstream{device: sess.name, service: service, gone: sess.isClosed,
+			dial: func(context.Context) (net.Conn, error) { return sess.dialHTTP(service) }})
 		sess.proxies[service] = p
 	}
 	return p

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"maps"
@@ -13,27 +14,33 @@ import (
 	"github.com/tetherfleet/tether/frames/splice"
 )
 
-// tcpListeners keeps one listener bound for every TCP port the routing
-// table routes, and splices each public connection it accepts to a data
-// stream of the device the port routes to at that moment.
+// tcpListeners keeps one listener bound for every leased TCP port of the
+// cluster, whichever relay holds the device (so a TCP load balancer may
+// send a connection to any relay), and hands each connection accepted to
+// serve.
 //
-// It binds and closes sockets under its own lock, never the registry's:
-// the registry says which ports changed, and sync reads the table again to
-// bind or unbind them, so the listeners converge on the table whatever the
-// order of concurrent changes.
+// It binds and closes sockets under its own lock, never the registry's or
+// the replica's: they say which ports are wanted (want, all), and sync or
+// reconcile read them again to bind or unbind, so the listeners converge
+// on them whatever the order of concurrent changes. A port that cannot be
+// bound (another process holds it) is logged, counted and retried with
+// back-off, and reported as unbound in the relay's hellos.
 type tcpListeners struct {
-	host    string // address the listeners bind; empty means all interfaces
-	reg     *registry
+	host    string                        // address the listeners bind; empty means all interfaces
+	want    func(port uint16) bool        // whether a port is leased now
+	all     func() []uint16               // every leased port
+	serve   func(port uint16, c net.Conn) // serves one accepted connection
 	metrics *metrics
 	log     *slog.Logger
 	listen  func(network, addr string) (net.Listener, error) // net.Listen; tests replace it
+	now     func() time.Time                                 // time.Now; tests replace it
 
 	mu     sync.Mutex
 	lns    map[uint16]*portListener
-	failed map[uint16]bool       // routed ports that could not be bound
-	conns  map[net.Conn]struct{} // public connections being spliced
+	failed map[uint16]*bindFailure // wanted ports that could not be bound
+	conns  map[net.Conn]struct{}   // public connections being served
 	closed bool
-	wg     sync.WaitGroup // accept loops and spliced connections
+	wg     sync.WaitGroup // accept loops and served connections
 }
 
 // portListener accepts public TCP connections for one leased port.
@@ -51,14 +58,30 @@ func (p *portListener) close() {
 	})
 }
 
-func newTCPListeners(host string, reg *registry, m *metrics, log *slog.Logger) *tcpListeners {
-	return &tcpListeners{host: host, reg: reg, metrics: m, log: log, listen: net.Listen,
-		lns: map[uint16]*portListener{}, failed: map[uint16]bool{}, conns: map[net.Conn]struct{}{}}
+// bindFailure is a wanted port that could not be bound, retried from next.
+type bindFailure struct {
+	attempts int
+	next     time.Time
 }
 
-// sync binds the given ports if the table routes them and closes their
-// listeners if it does not. A port that cannot be bound is logged and
-// counted; the lease stays valid on the other relays.
+// Bind retry back-off: from bindRetryMin, doubling up to bindRetryMax.
+const (
+	bindRetryMin = 10 * time.Second
+	bindRetryMax = 2 * time.Minute
+)
+
+func bindRetry(attempts int) time.Duration {
+	return min(bindRetryMin<<min(attempts-1, 8), bindRetryMax)
+}
+
+func newTCPListeners(host string, want func(uint16) bool, all func() []uint16, serve func(uint16, net.Conn), m *metrics, log *slog.Logger) *tcpListeners {
+	return &tcpListeners{host: host, want: want, all: all, serve: serve, metrics: m, log: log, listen: net.Listen, now: time.Now,
+		lns: map[uint16]*portListener{}, failed: map[uint16]*bindFailure{}, conns: map[net.Conn]struct{}{}}
+}
+
+// sync binds the given ports if they are wanted and closes their
+// listeners if not. A port failing to bind is retried only once its
+// back-off has passed.
 func (t *tcpListeners) sync(ports []uint16) {
 	if len(ports) == 0 {
 		return
@@ -66,44 +89,111 @@ func (t *tcpListeners) sync(ports []uint16) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, p := range ports {
-		pl, bound := t.lns[p]
-		rt, routed := t.reg.portRoute(p)
-		switch want := routed && !t.closed; {
-		case want && !bound:
-			t.bindLocked(p, rt)
-		case !want && bound:
-			pl.close()
-			delete(t.lns, p)
-		case !want:
+		t.syncLocked(p, t.want(p))
+	}
+	t.metrics.tcpUnbound.Set(float64(len(t.failed)))
+}
+
+// reconcile makes the listeners exactly the wanted ports: after the
+// replica changed.
+func (t *tcpListeners) reconcile() {
+	wanted := t.all()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	set := make(map[uint16]bool, len(wanted))
+	for _, p := range wanted {
+		set[p] = true
+		t.syncLocked(p, true)
+	}
+	for p := range t.lns {
+		if !set[p] {
+			t.syncLocked(p, false)
+		}
+	}
+	for p := range t.failed {
+		if !set[p] {
 			delete(t.failed, p)
 		}
 	}
+	t.metrics.tcpUnbound.Set(float64(len(t.failed)))
 }
 
-func (t *tcpListeners) bindLocked(port uint16, rt route) {
+func (t *tcpListeners) syncLocked(p uint16, want bool) {
+	pl, bound := t.lns[p]
+	switch want = want && !t.closed; {
+	case want && !bound:
+		if f := t.failed[p]; f == nil || !t.now().Before(f.next) {
+			t.bindLocked(p)
+		}
+	case !want && bound:
+		pl.close()
+		delete(t.lns, p)
+	case !want:
+		delete(t.failed, p)
+	}
+}
+
+func (t *tcpListeners) bindLocked(port uint16) {
 	addr := net.JoinHostPort(t.host, strconv.Itoa(int(port)))
 	ln, err := t.listen("tcp", addr)
 	if err != nil {
 		t.metrics.tcpListenErrors.Inc()
-		t.log.Error("cannot listen for TCP lease", "addr", addr, "device_id", rt.deviceID, "service", rt.service, "err", err)
-		t.failed[port] = true
+		f := t.failed[port]
+		if f == nil {
+			f = &bindFailure{}
+			t.failed[port] = f
+		}
+		f.attempts++
+		retry := bindRetry(f.attempts)
+		f.next = t.now().Add(retry)
+		level := slog.LevelDebug
+		if f.attempts == 1 {
+			level = slog.LevelError
+		}
+		t.log.Log(context.Background(), level, "cannot listen for a TCP lease: another process holds the port? retrying", "addr", addr, "attempts", f.attempts, "retry_in", retry, "err", err)
 		return
 	}
-	delete(t.failed, port)
+	if f := t.failed[port]; f != nil {
+		t.log.Info("TCP lease port bound", "addr", addr, "after_attempts", f.attempts+1)
+		delete(t.failed, port)
+	}
 	pl := &portListener{port: port, ln: ln, done: make(chan struct{})}
 	t.lns[port] = pl
 	t.wg.Go(func() { t.acceptLoop(pl) })
 }
 
-// unbound returns the ports that should be bound and are not, sorted.
+// retryLoop retries the ports that could not be bound, each when its
+// back-off has passed, until ctx ends.
+func (t *tcpListeners) retryLoop(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		t.mu.Lock()
+		var due []uint16
+		for p, f := range t.failed {
+			if !t.now().Before(f.next) {
+				due = append(due, p)
+			}
+		}
+		t.mu.Unlock()
+		t.sync(due)
+	}
+}
+
+// unbound returns the wanted ports that are not bound, sorted.
 func (t *tcpListeners) unbound() []uint16 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return slices.Sorted(maps.Keys(t.failed))
 }
 
-// close closes every listener and every spliced connection, refuses to
-// bind more, and waits for the accept loops and splices to end.
+// close closes every listener and every connection being served, refuses
+// to bind more, and waits for the accept loops and connections to end.
 func (t *tcpListeners) close() {
 	t.mu.Lock()
 	t.closed = true
@@ -148,7 +238,7 @@ func (t *tcpListeners) acceptLoop(pl *portListener) {
 		}
 		t.wg.Go(func() {
 			defer t.untrack(c)
-			t.serveConn(pl.port, c)
+			t.serve(pl.port, c)
 		})
 	}
 }
@@ -171,27 +261,57 @@ func (t *tcpListeners) untrack(c net.Conn) {
 	delete(t.conns, c)
 }
 
-// serveConn splices one public TCP connection to a data stream of the
-// device that holds the port now. The client's bytes follow the stream
-// header at once; the agent's answer is read before any byte goes back.
-func (t *tcpListeners) serveConn(port uint16, c net.Conn) {
-	sess, service := t.reg.lookupPort(port)
-	if sess == nil {
+// serveTCP is the route of a public TCP connection on a leased port:
+//
+//	port → a session here? → splice with a data stream of its agent
+//	     → else the replica: device online on relay X → splice through X
+//
+// and closed wherever the route ends early.
+func (s *Server) serveTCP(port uint16, c net.Conn) {
+	s.metrics.tcpConns.Inc()
+	if sess, service := s.reg.lookupPort(port); sess != nil && !s.isRevoked(sess.deviceID) {
+		st, err := sess.openStream(service, c.RemoteAddr().String())
+		if err != nil {
+			s.log.Info("open TCP stream", "device", sess.name, "service", service, "err", err)
+			c.Close()
+			return
+		}
+		// The client's bytes follow the stream header at once; the agent's
+		// answer is read before any byte goes back.
+		s.spliceTCP(c, st, sess.name, service)
+		return
+	}
+	rec, lease, ok := s.replica.ByPort(port)
+	if !ok {
+		s.metrics.replicaLookups.WithLabelValues("miss").Inc()
 		c.Close()
 		return
 	}
-	t.metrics.tcpConns.Inc()
-	st, err := sess.openStream(service, c.RemoteAddr().String())
+	s.metrics.replicaLookups.WithLabelValues("hit").Inc()
+	if s.isRevoked(rec.ID) || !lease.Online || lease.Relay == s.cfg.RelayID || s.peer == nil {
+		s.log.Debug("TCP connection for a device not served", "port", port, "device", rec.Name, "online", lease.Online, "relay", lease.Relay)
+		c.Close()
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, answerTimeout)
+	st, err := s.dialPeer(ctx, rec, lease.Service, c.RemoteAddr().String())
+	cancel()
 	if err != nil {
-		t.log.Info("open TCP stream", "device", sess.name, "service", service, "err", err)
+		s.log.Info("forward TCP connection", "port", port, "device", rec.Name, "service", lease.Service, "err", err)
 		c.Close()
 		return
 	}
+	s.spliceTCP(c, st, rec.Name, lease.Service)
+}
+
+// spliceTCP copies a public connection and a stream to the device both
+// ways until both end.
+func (s *Server) spliceTCP(c, st net.Conn, device, service string) {
 	res := splice.Splice(c, st)
-	t.metrics.bytes.WithLabelValues("to_device").Add(float64(res.AToB))
-	t.metrics.bytes.WithLabelValues("from_device").Add(float64(res.BToA))
+	s.metrics.bytes.WithLabelValues("to_device").Add(float64(res.AToB))
+	s.metrics.bytes.WithLabelValues("from_device").Add(float64(res.BToA))
 	var refused *RefusedError
 	if errors.As(res.Err, &refused) {
-		t.log.Info("TCP connection refused by device", "device", sess.name, "service", service, "reason", refused.Refuse)
+		s.log.Info("TCP connection refused by device", "device", device, "service", service, "reason", refused.Refuse)
 	}
 }

@@ -2,12 +2,15 @@ package relaytest
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -33,7 +36,7 @@ type Node struct {
 	Metrics *prometheus.Registry
 	Certs   *relay.Certs
 	// Fixed at the first start, the same after a restart.
-	HTTPSAddr, HTTPAddr string
+	HTTPSAddr, HTTPAddr, ClusterAddr string
 
 	env     *Env
 	nc      *nats.Conn
@@ -44,7 +47,7 @@ type Node struct {
 // newNode prepares relay id on host; Start starts it.
 func (e *Env) newNode(id, host string) *Node {
 	n := &Node{ID: id, Host: host, DataDir: filepath.Join(e.DataDir, "relays", id), env: e,
-		HTTPSAddr: net.JoinHostPort(host, "0"), HTTPAddr: net.JoinHostPort(host, "0")}
+		HTTPSAddr: net.JoinHostPort(host, "0"), HTTPAddr: net.JoinHostPort(host, "0"), ClusterAddr: net.JoinHostPort(host, "0")}
 	e.T.Cleanup(func() {
 		if n.Relay != nil {
 			n.Kill()
@@ -94,6 +97,7 @@ func (n *Node) Start() {
 		t.Fatal(err)
 	}
 	n.Metrics = prometheus.NewRegistry()
+	cluster := listen(t, &n.ClusterAddr)
 	cfg := relay.Config{
 		RelayID:          n.ID,
 		Domain:           n.env.Domain,
@@ -103,6 +107,9 @@ func (n *Node) Start() {
 		HandshakeTimeout: 5 * time.Second,
 		DrainWindow:      time.Second,
 		HelloInterval:    n.env.HelloInterval,
+		ClusterAddr:      n.ClusterAddr,
+		PeerCert:         &n.Certs.Peer,
+		PeerRoots:        n.Certs.Roots(),
 		Logger:           log,
 		Registerer:       n.Metrics,
 	}
@@ -110,6 +117,7 @@ func (n *Node) Start() {
 		n.env.opts.RelayConfig(&cfg)
 	}
 	if n.Relay, err = relay.New(cfg); err != nil {
+		cluster.Close()
 		t.Fatal(err)
 	}
 	if err := n.Relay.Start(ctx); err != nil {
@@ -125,6 +133,7 @@ func (n *Node) Start() {
 	n.servers = []*http.Server{hs, ps}
 	n.serving.Go(func() { hs.ServeTLS(https, "", "") })
 	n.serving.Go(func() { ps.Serve(plain) })
+	n.serving.Go(func() { rl.ServePeers(context.Background(), cluster) }) // until the relay stops
 }
 
 // Stop drains the relay (its agents are told to move) and stops it.
@@ -139,6 +148,7 @@ func (n *Node) Stop(t testing.TB) {
 	if err := n.Relay.Shutdown(ctx); err != nil {
 		t.Errorf("relay %s shutdown: %v", n.ID, err)
 	}
+	n.serving.Wait()
 	n.release()
 }
 
@@ -150,6 +160,7 @@ func (n *Node) Kill() {
 	}
 	n.closeServers()
 	n.Relay.Close()
+	n.serving.Wait()
 	n.release()
 }
 
@@ -157,7 +168,6 @@ func (n *Node) closeServers() {
 	for _, s := range n.servers {
 		s.Close()
 	}
-	n.serving.Wait()
 }
 
 func (n *Node) release() {
@@ -184,4 +194,51 @@ func listen(t testing.TB, addr *string) net.Listener {
 	}
 	*addr = ln.Addr().String()
 	return ln
+}
+
+// Client returns an HTTP client that trusts the cluster root and sends
+// every request to this relay, whatever the URL's host (as DNS for
+// *.localhost would): port 443 to its HTTPS listener, others to HTTP.
+func (n *Node) Client() *http.Client {
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		target := n.HTTPAddr
+		if strings.HasSuffix(addr, ":443") {
+			target = n.HTTPSAddr
+		}
+		return (&net.Dialer{}).DialContext(ctx, network, target)
+	}
+	return &http.Client{Transport: &http.Transport{
+		DialContext:       dial,
+		TLSClientConfig:   &tls.Config{RootCAs: n.env.CA.Pool()},
+		DisableKeepAlives: true,
+	}}
+}
+
+// Get fetches https://host/path (tls) or http://host/path through this
+// relay and returns the status and body (status 0 and the error when the
+// request fails).
+func (n *Node) Get(tls bool, host, path string) (int, string) {
+	scheme := "http"
+	if tls {
+		scheme = "https"
+	}
+	resp, err := n.Client().Get(scheme + "://" + host + path)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// AwaitPage polls GET through this relay until the answer has status and
+// a body containing says, failing after within.
+func (n *Node) AwaitPage(tls bool, host, path string, status int, says string, within time.Duration) {
+	n.env.T.Helper()
+	Eventually(n.env.T, within, func() error {
+		if code, body := n.Get(tls, host, path); code != status || !strings.Contains(body, says) {
+			return fmt.Errorf("relay %s: %s%s: %d %s, want %d saying %q", n.ID, host, path, code, body, status, says)
+		}
+		return nil
+	})
 }

@@ -13,7 +13,6 @@ import (
 	"bufio"
 	"cmp"
 	"context"
-	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -212,51 +211,24 @@ func (e *Env) Token(uses int) string {
 	return tok
 }
 
-// Client returns an HTTP client that trusts the cluster root and sends every
-// request to the relay, whatever the URL's host (as DNS for *.localhost would).
-func (e *Env) Client() *http.Client {
-	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		target := e.main.HTTPAddr
-		if strings.HasSuffix(addr, ":443") {
-			target = e.main.HTTPSAddr
-		}
-		return (&net.Dialer{}).DialContext(ctx, network, target)
-	}
-	return &http.Client{Transport: &http.Transport{
-		DialContext:       dial,
-		TLSClientConfig:   &tls.Config{RootCAs: e.CA.Pool()},
-		DisableKeepAlives: true,
-	}}
-}
+// Client returns an HTTP client that trusts the cluster root and sends
+// every request to the first relay, whatever the URL's host (as DNS for
+// *.localhost would).
+func (e *Env) Client() *http.Client { return e.main.Client() }
 
-// Get fetches https://host/path (tls) or http://host/path through the relay
-// and returns the status and body.
+// Get fetches https://host/path (tls) or http://host/path through the
+// first relay and returns the status and body.
 func (e *Env) Get(tls bool, host, path string) (int, string) {
 	e.T.Helper()
-	scheme := "http"
-	if tls {
-		scheme = "https"
-	}
-	resp, err := e.Client().Get(scheme + "://" + host + path)
-	if err != nil {
-		e.T.Fatalf("GET %s://%s%s: %v", scheme, host, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return e.main.Get(tls, host, path)
 }
 
-// AwaitPage polls GET through the relay (as Get does) until the answer
-// has status and a body containing says, failing after within: for a
-// route that changes when a session comes or goes.
+// AwaitPage polls GET through the first relay (as Get does) until the
+// answer has status and a body containing says, failing after within: for
+// a route that changes when a session comes or goes.
 func (e *Env) AwaitPage(tls bool, host, path string, status int, says string, within time.Duration) {
 	e.T.Helper()
-	Eventually(e.T, within, func() error {
-		if code, body := e.Get(tls, host, path); code != status || !strings.Contains(body, says) {
-			return fmt.Errorf("%s%s: %d %s, want %d saying %q", host, path, code, body, status, says)
-		}
-		return nil
-	})
+	e.main.AwaitPage(tls, host, path, status, says, within)
 }
 
 // FreePortRange finds n consecutive free loopback ports for TCP leases.

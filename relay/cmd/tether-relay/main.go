@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -169,10 +170,21 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	rl, err := relay.New(relay.Config{
+	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
-	})
+	}
+	// In a cluster, peers reach this relay on its cluster listener (a
+	// standalone relay has no peers).
+	var clusterLn net.Listener
+	if s.NATSURL != "" {
+		if clusterLn, err = listenCluster(s.ClusterAddr); err != nil {
+			return err
+		}
+		closers = append(closers, func() { clusterLn.Close() })
+		relayCfg.ClusterAddr, relayCfg.PeerCert, relayCfg.PeerRoots = s.ClusterAddr, &certs.Peer, certs.Roots()
+	}
+	rl, err := relay.New(relayCfg)
 	if err != nil {
 		return err
 	}
@@ -204,9 +216,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		closers = append(closers, func() { ns.ln.Close() })
 	}
-	serveErr := make(chan error, len(servers))
+	serveErr := make(chan error, len(servers)+1)
+	var serving sync.WaitGroup
 	for _, ns := range servers {
-		go func() {
+		serving.Go(func() {
 			var err error
 			if ns.srv.TLSConfig != nil {
 				err = ns.srv.ServeTLS(ns.ln, "", "")
@@ -216,7 +229,16 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 			if !errors.Is(err, http.ErrServerClosed) {
 				serveErr <- fmt.Errorf("%s server: %w", ns.name, err)
 			}
-		}()
+		})
+	}
+	if clusterLn != nil {
+		// Until the relay stops: peers' streams are served while it drains.
+		serving.Go(func() {
+			if err := rl.ServePeers(context.Background(), clusterLn); err != nil {
+				serveErr <- fmt.Errorf("cluster listener: %w", err)
+			}
+		})
+		servers = append(servers, &namedServer{name: "cluster", ln: clusterLn})
 	}
 	attrs := []any{"relay_id", s.RelayID, "domain", s.Domain, "version", version}
 	for _, ns := range servers {
@@ -245,8 +267,12 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		log.Warn("relay drain incomplete", "err", err)
 	}
 	for _, ns := range servers {
-		ns.srv.Shutdown(sctx)
+		if ns.srv != nil {
+			ns.srv.Shutdown(sctx)
+		}
 	}
+	rl.Close() // what a drain cut short left open, the cluster listener too
+	serving.Wait()
 	log.Info("relay stopped")
 	return failed
 }
@@ -270,6 +296,23 @@ func relayID(configured string, hostname func() (string, error)) (string, error)
 		return "", fmt.Errorf("TETHER_RELAY_ID is empty and the host name %q makes no relay ID (%w): set TETHER_RELAY_ID", host, err)
 	}
 	return id, nil
+}
+
+// listenCluster listens on the cluster address, which peers are told:
+// it must name this relay, not a wildcard.
+func listenCluster(addr string) (net.Listener, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("TETHER_CLUSTER_ADDR %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		return nil, fmt.Errorf("TETHER_CLUSTER_ADDR %q is a wildcard: peers are told this address, so give the one they reach this relay on (e.g. 10.0.0.11:7444)", addr)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen cluster on %s: %w", addr, err)
+	}
+	return ln, nil
 }
 
 // splitList splits a comma-separated setting, dropping blanks.
