@@ -80,6 +80,11 @@ func Connect(url string, auth Auth, role natsperm.Role, name string, log *slog.L
 	if auth.CredsFile != "" && auth.User != "" {
 		return nil, fmt.Errorf("NATS auth: give a user and password or a creds file, not both")
 	}
+	if auth.User != "" && auth.Password == "" {
+		// A server whose password variable is set but empty would let
+		// this user in with none: never rely on that.
+		return nil, fmt.Errorf("NATS auth: user %s has an empty password (TETHER_NATS_PASSWORD or TETHER_NATS_PASSWORD_FILE)", auth.User)
+	}
 	nc, err := nats.Connect(url, append(ConnectOptions(auth, role, name, log), more...)...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS %s as %s: %w", url, role, err)

@@ -62,6 +62,9 @@ func TestConnectAsRole(t *testing.T) {
 	if nc2.IsConnected() {
 		t.Fatal("connected with a wrong password")
 	}
+	if _, err := natsapi.Connect(ns.ClientURL(), natsapi.Auth{User: "relay"}, natsperm.Relay, "r", nil); err == nil || !strings.Contains(err.Error(), "empty password") {
+		t.Fatalf("a user without a password connected: %v", err)
+	}
 	if _, err := natsapi.Connect(ns.ClientURL(), natsapi.Auth{User: "relay", CredsFile: "x.creds"}, natsperm.Relay, "r", nil); err == nil {
 		t.Fatal("user and creds file together were accepted")
 	}
