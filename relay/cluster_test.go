@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -232,4 +234,30 @@ func TestForwardAcrossRelays(t *testing.T) {
 	}
 	ra.Mux.Close()
 	b.AwaitPage(false, "web-pi01.localhost", "/", 503, "pi01 is offline", 10*time.Second)
+}
+
+// TestReadiness: /readyz says ready, degraded while the control plane is
+// unreachable (200: the relay still serves), and not ready without NATS.
+func TestReadiness(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	var natsDown atomic.Bool
+	h := e.Relay.ReadyHandler(func() bool { return !natsDown.Load() })
+	readyz := func() (int, string) {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest("GET", "/readyz", nil))
+		return w.Code, w.Body.String()
+	}
+	awaitReachable(t, e.Relay, true)
+	if code, body := readyz(); code != 200 || body != "ready\n" {
+		t.Fatalf("%d %q", code, body)
+	}
+	e.StopControlPlane()
+	awaitReachable(t, e.Relay, false)
+	if code, body := readyz(); code != 200 || body != "degraded: control plane unreachable\n" {
+		t.Fatalf("control plane away: %d %q", code, body)
+	}
+	natsDown.Store(true)
+	if code, body := readyz(); code != 503 || body != "not ready: NATS unreachable\n" {
+		t.Fatalf("NATS away: %d %q", code, body)
+	}
 }

@@ -204,7 +204,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	servers = append(servers,
 		&namedServer{name: "https", addr: s.HTTPSAddr, srv: &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
 		&namedServer{name: "http", addr: s.HTTPAddr, srv: &http.Server{Handler: rl.PublicHTTPHandler(), ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
-		&namedServer{name: "ops", addr: s.OpsAddr, srv: &http.Server{Handler: ops.Handler(reg, func(ctx context.Context) error { return relayNC.FlushWithContext(ctx) }), ErrorLog: errLog}},
+		&namedServer{name: "ops", addr: s.OpsAddr, srv: &http.Server{Handler: opsHandler(reg, rl, relayNC), ErrorLog: errLog}},
 	)
 	if cp != nil {
 		servers = append(servers, &namedServer{name: "admin", addr: s.AdminAddr, srv: &http.Server{Handler: cp.Admin, ErrorLog: errLog}})
@@ -275,6 +275,15 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	serving.Wait()
 	log.Info("relay stopped")
 	return failed
+}
+
+// opsHandler serves the ops endpoints, with the relay's own /readyz: not
+// ready without NATS, degraded without the control plane.
+func opsHandler(g prometheus.Gatherer, rl *relay.Server, nc *nats.Conn) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", ops.Handler(g, nil))
+	mux.Handle("GET /readyz", rl.ReadyHandler(nc.IsConnected))
+	return mux
 }
 
 // relayID returns the configured relay ID after checking it, or else the
