@@ -261,3 +261,21 @@ func TestReadiness(t *testing.T) {
 		t.Fatalf("NATS away: %d %q", code, body)
 	}
 }
+
+// TestClusterHarness: three relays on a three-server NATS cluster find
+// each other and serve a device held by any of them through every one,
+// also after a NATS server was bounced.
+func TestClusterHarness(t *testing.T) {
+	c := relaytest.StartCluster(t, 3, relaytest.Options{})
+	c.AwaitMembers()
+	ra := c.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	ra.ServeHTTP(t, echoHandler)
+	for _, n := range c.Relays {
+		n.AwaitPage(true, "web-pi01.localhost", "/", 200, "hello from device", 10*time.Second)
+	}
+	c.BounceNATSNode(1) // relay-2's
+	c.AwaitMembers()
+	for _, n := range c.Relays {
+		n.AwaitPage(false, "web-pi01.localhost", "/", 200, "hello from device", 10*time.Second)
+	}
+}

@@ -39,14 +39,16 @@ type Node struct {
 	HTTPSAddr, HTTPAddr, ClusterAddr string
 
 	env     *Env
+	connect func(name string) (*nats.Conn, error)
 	nc      *nats.Conn
 	servers []*http.Server
 	serving sync.WaitGroup
 }
 
-// newNode prepares relay id on host; Start starts it.
-func (e *Env) newNode(id, host string) *Node {
-	n := &Node{ID: id, Host: host, DataDir: filepath.Join(e.DataDir, "relays", id), env: e,
+// newNode prepares relay id on host, connecting to NATS with connect;
+// Start starts it.
+func (e *Env) newNode(id, host string, connect func(name string) (*nats.Conn, error)) *Node {
+	n := &Node{ID: id, Host: host, DataDir: filepath.Join(e.DataDir, "relays", id), env: e, connect: connect,
 		HTTPSAddr: net.JoinHostPort(host, "0"), HTTPAddr: net.JoinHostPort(host, "0"), ClusterAddr: net.JoinHostPort(host, "0")}
 	e.T.Cleanup(func() {
 		if n.Relay != nil {
@@ -78,7 +80,7 @@ func (n *Node) Start() {
 	}
 	log := n.env.Logger.With("component", "relay", "relay_id", n.ID)
 	var err error
-	if n.nc, err = n.env.connect("relay " + n.ID); err != nil {
+	if n.nc, err = n.connect("relay " + n.ID); err != nil {
 		t.Fatal(err)
 	}
 	cp := &natsapi.Client{NC: n.nc}

@@ -75,32 +75,48 @@ type Env struct {
 // Start starts a server and registers its shutdown with t.Cleanup.
 func Start(t testing.TB, opts Options) *Env {
 	t.Helper()
-	e := &Env{T: t, DataDir: t.TempDir(), Domain: "localhost", opts: opts, Logger: opts.Logger, HelloInterval: cmp.Or(opts.HelloInterval, time.Second)}
-	if e.Logger == nil {
-		e.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	e.TCPPorts = FreePortRange(t, 16)
+	e := newEnv(t, opts)
 	var err error
 	if e.NATS, err = natsembed.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.NATS.Shutdown)
-	if e.cpNC, err = e.NATS.ConnectAs(natsperm.ControlPlane, "controlplane"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.cpNC.Close)
-	e.StartControlPlane()
-	t.Cleanup(e.StopControlPlane)
-	// The control plane's cluster root, which every relay's certificates
-	// chain to (its key too: tests may issue with it).
-	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
-		t.Fatal(err)
-	}
 	e.connect = func(name string) (*nats.Conn, error) { return e.NATS.ConnectAs(natsperm.Relay, name) }
-	e.main = e.newNode("relay-test", "127.0.0.1")
+	cpNC, err := e.NATS.ConnectAs(natsperm.ControlPlane, "controlplane")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.startControlPlane(cpNC)
+	e.main = e.newNode("relay-test", "127.0.0.1", e.connect)
 	e.StartRelay()
 	t.Cleanup(e.StopRelay)
 	return e
+}
+
+// newEnv sets up what every Env has before its NATS starts.
+func newEnv(t testing.TB, opts Options) *Env {
+	e := &Env{T: t, DataDir: t.TempDir(), Domain: "localhost", opts: opts, Logger: opts.Logger, HelloInterval: cmp.Or(opts.HelloInterval, time.Second)}
+	if e.Logger == nil {
+		e.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	e.TCPPorts = FreePortRange(t, 16)
+	return e
+}
+
+// startControlPlane starts the control plane on nc, its connection for
+// the whole test, and loads the cluster root.
+func (e *Env) startControlPlane(nc *nats.Conn) {
+	e.T.Helper()
+	e.cpNC = nc
+	e.T.Cleanup(nc.Close)
+	e.StartControlPlane()
+	e.T.Cleanup(e.StopControlPlane)
+	// The control plane's cluster root, which every relay's certificates
+	// chain to (its key too: tests may issue with it).
+	var err error
+	if e.CA, err = devca.LoadOrCreate(e.DataDir); err != nil {
+		e.T.Fatal(err)
+	}
 }
 
 // StartControlPlane starts the control plane (again), on the same data
@@ -174,7 +190,7 @@ func CounterValue(g prometheus.Gatherer, name, labelValue string) (float64, erro
 // address for TCP leases (every relay listens on every leased port); it is
 // stopped when the test ends.
 func (e *Env) AddRelay(id string) *Node {
-	n := e.newNode(id, "127.0.0."+strconv.Itoa(2+len(e.added)))
+	n := e.newNode(id, "127.0.0."+strconv.Itoa(2+len(e.added)), e.connect)
 	e.added = append(e.added, n)
 	n.Start()
 	return n
