@@ -71,6 +71,10 @@ func (n *Node) Counter(name, labelValue string) float64 {
 	return v
 }
 
+// NATSConnected reports whether the relay's NATS connection is up (false
+// while it is stopped), as its /readyz asks.
+func (n *Node) NATSConnected() bool { return n.nc != nil && n.nc.IsConnected() }
+
 // Start starts the relay (again), on the same addresses as before.
 func (n *Node) Start() {
 	t := n.env.T
@@ -175,7 +179,7 @@ func (n *Node) closeServers() {
 func (n *Node) release() {
 	n.nc.Close()
 	n.Replica.Close()
-	n.Relay, n.servers = nil, nil
+	n.Relay, n.servers, n.nc = nil, nil, nil
 }
 
 // listen listens on *addr and sets it to the address bound (a port 0
