@@ -46,6 +46,8 @@ type Options struct {
 	// HelloInterval is the relays' and the control plane's. Zero means 1s
 	// (a relay silent for 3s is down).
 	HelloInterval time.Duration
+	// TCPPorts is how many ports TCP leases come from. Zero means 16.
+	TCPPorts int
 }
 
 // Env is a running Tether server.
@@ -99,7 +101,7 @@ func newEnv(t testing.TB, opts Options) *Env {
 	if e.Logger == nil {
 		e.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	e.TCPPorts = FreePortRange(t, 16)
+	e.TCPPorts = FreePortRange(t, cmp.Or(opts.TCPPorts, 16))
 	return e
 }
 
