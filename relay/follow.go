@@ -156,6 +156,9 @@ func (s *Server) eventEffects(ev controlplane.DeviceEvent) {
 	case controlplane.EventSession, controlplane.EventOffline, controlplane.EventRelayDown:
 		s.metrics.presenceUpdates.Inc()
 	}
+	if ev.Kind == controlplane.EventRelayDown && ev.RelayID != s.cfg.RelayID {
+		s.forgetPeer(ev.RelayID) // restarted or silent: its session here is stale
+	}
 	sess := s.reg.session(ev.DeviceID)
 	if sess == nil {
 		return

@@ -1,6 +1,7 @@
 // Package relay is Tether's public edge: it accepts agent sessions on
 // /_tether/connect, enrolls devices on /_tether/enroll, and routes public
-// HTTP by Host and public TCP by port to the agent's streams.
+// HTTP by Host and public TCP by port to the agent's streams, through the
+// relay of the cluster that holds the agent when it is not this one.
 //
 // # Shape
 //
@@ -13,13 +14,20 @@
 //   - stream.go: data streams to a device and the agent's answer to each.
 //   - registry.go: the routing table (device → newest session, hostname
 //     label → route, port → route); it opens and closes nothing.
-//   - http.go: the public HTTP route, Host → label → route → the session's
-//     reverse proxy for that service, and the error pages.
-//   - tcp.go: one listener per routed TCP lease, bound and closed outside
-//     the table's lock, and the splice of each public connection.
+//   - http.go: the public HTTP route, Host → label → a session here, or
+//     the replica's holder → the reverse proxy for that service, and the
+//     error pages.
+//   - tcp.go: one listener per leased TCP port of the cluster, bound and
+//     closed outside the table's lock, and the route of each public
+//     connection.
 //   - enroll.go: enrollment; metrics.go: the Prometheus collectors.
 //   - follow.go: the replica kept up to date from the control plane's
 //     snapshots and device events, and what events do to local sessions.
+//   - hello.go: membership (hellos, live peers) and the sync of the
+//     sessions held here after the control plane was away.
+//   - forward.go: public connections for devices held by other relays,
+//     both ways over the peer transport (package peer).
+//   - revoke.go: revocation notices; health.go: /readyz.
 //   - certs.go: the relay's certificates from the cluster CA.
 //
 // The control plane is reached only through controlplane.Cluster (NATS in

@@ -46,11 +46,11 @@ type spec struct {
 	Domain           string        `split_words:"true" default:"localhost" desc:"base domain for service hostnames (SERVICE-DEVICE.<domain>)"`
 	HTTPAddr         string        `split_words:"true" default:":8080" desc:"public plain-HTTP listener"`
 	HTTPSAddr        string        `split_words:"true" default:":8443" desc:"public HTTPS and agent wss listener"`
-	TLSCert          string        `split_words:"true" desc:"certificate file (PEM); empty: a dev CA in the data dir signs one"`
+	TLSCert          string        `split_words:"true" desc:"certificate file (PEM); empty: the relay issues its own under the cluster CA (agents trust <data dir>/ca.pem)"`
 	TLSKey           string        `split_words:"true" desc:"key file of TLS_CERT"`
-	TCPPorts         string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
+	TCPPorts         string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases (each relay listens on every leased port)"`
 	TCPHost          string        `split_words:"true" desc:"address TCP lease listeners bind; empty: all interfaces"`
-	DataDir          string        `split_words:"true" default:"./tether-data" desc:"bbolt files, dev CA, generated secrets"`
+	DataDir          string        `split_words:"true" default:"./tether-data" desc:"relay.db (what the relay knows of the cluster), its certificates, the cluster root ca.pem; standalone also the control plane's files"`
 	NATSURL          string        `envconfig:"NATS_URL" desc:"external NATS server(s), comma-separated (cluster mode); empty: embedded NATS and control plane"`
 	NATSUser         string        `envconfig:"NATS_USER" desc:"NATS user (relay in relay/deploy/nats.conf)"`
 	NATSPassword     string        `envconfig:"NATS_PASSWORD" desc:"NATS password"`
@@ -59,7 +59,7 @@ type spec struct {
 	NATSCA           string        `envconfig:"NATS_CA" desc:"PEM file of the CA of the NATS servers' TLS certificates"`
 	RelayID          string        `split_words:"true" desc:"this relay's name in the cluster, one DNS label (a-z, 0-9, inner -); empty: the hostname up to its first dot, lower-cased"`
 	PublicNames      string        `split_words:"true" desc:"comma-separated hostnames of this relay itself: its certificate covers them, and they are never leased to a device"`
-	ClusterAddr      string        `split_words:"true" default:"127.0.0.1:7444" desc:"relay-to-relay listener, advertised to peers (cluster mode only)"`
+	ClusterAddr      string        `split_words:"true" default:"127.0.0.1:7444" desc:"relay-to-relay listener, advertised to peers: the address they reach this relay on, not a wildcard (cluster mode only)"`
 	AdminAddr        string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
 	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
 	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
