@@ -13,6 +13,7 @@ import (
 
 	"github.com/tetherfleet/tether/agent"
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/httpapi"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
@@ -215,7 +216,10 @@ func TestClusterNATSOutage(t *testing.T) {
 		awaitServed(t, c, pi1, 5*time.Second, c.Relays...)
 		awaitServed(t, c, pi2, 5*time.Second, c.Relays...)
 
-		res, err := c.CP.Service.Revoke(context.Background(), "pi2")
+		// As tetherctl revoke asks the admin API.
+		admin := httptest.NewServer(c.CP.Admin)
+		defer admin.Close()
+		res, err := (&httpapi.Client{BaseURL: admin.URL, Token: c.CP.AdminToken}).Revoke(context.Background(), "pi2")
 		if err != nil {
 			t.Fatal(err)
 		}
