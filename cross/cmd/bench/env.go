@@ -294,12 +294,15 @@ func (e *env) client(addr string, keepAlive bool) *http.Client {
 // relayLive is the relay's live memory: heap and goroutine stacks in use
 // right after a garbage collection (RSS also holds garbage not yet
 // collected). The relay's pprof endpoint runs the collection.
-func (e *env) relayLive() int64 {
-	if resp, err := http.Get("http://" + e.opsAddr + "/debug/pprof/heap?gc=1"); err == nil {
+func (e *env) relayLive() int64 { return liveMem(e.opsAddr) }
+
+// liveMem is relayLive of the relay whose ops listener is opsAddr.
+func liveMem(opsAddr string) int64 {
+	if resp, err := http.Get("http://" + opsAddr + "/debug/pprof/heap?gc=1"); err == nil {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	}
-	resp, err := http.Get("http://" + e.opsAddr + "/metrics")
+	resp, err := http.Get("http://" + opsAddr + "/metrics")
 	if err != nil {
 		return 0
 	}

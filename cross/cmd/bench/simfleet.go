@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tetherfleet/tether/agent"
+	"github.com/tetherfleet/tether/frames"
+)
+
+// simFleetArg makes the bench binary a simulated fleet for the cluster
+// figures (run as its own process): tether-fleetsim gives every agent one
+// relay URL, while these agents list every relay of the cluster, agent i
+// starting at relay i mod n, so they spread and can move. Each
+// registration line also names the relay address the session was dialled
+// to, in tether-fleetsim's JSON-lines format otherwise.
+const simFleetArg = "internal-cluster-fleetsim"
+
+type simEvent struct {
+	Agent      *int   `json:"agent,omitempty"`
+	Registered int64  `json:"registered,omitempty"`
+	Relay      string `json:"relay,omitempty"`
+	GaveUp     string `json:"gave_up,omitempty"`
+}
+
+func simFleetMain(args []string) {
+	fs := flag.NewFlagSet(simFleetArg, flag.ExitOnError)
+	n := fs.Int("n", 100, "agents")
+	relays := fs.String("relays", "", "comma-separated relay URLs")
+	ca := fs.String("ca", "", "CA PEM file")
+	state := fs.String("state", "", "state dir")
+	prefix := fs.String("name", "csim", "device name prefix")
+	services := fs.String("services", "", "services, as TETHER_SERVICES")
+	heartbeat := fs.Duration("heartbeat", 15*time.Second, "heartbeat interval")
+	fs.Parse(args)
+	log.SetPrefix("bench fleet: ")
+	svcs, err := agent.ParseServices(*services)
+	if err != nil {
+		log.Fatal(err)
+	}
+	pem, err := os.ReadFile(*ca)
+	if err != nil {
+		log.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	urls := strings.Split(*relays, ",")
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var mu sync.Mutex
+	out := json.NewEncoder(os.Stdout)
+	emit := func(e simEvent) { mu.Lock(); out.Encode(e); mu.Unlock() }
+	quiet := slog.New(slog.DiscardHandler)
+	var wg sync.WaitGroup
+	for i := range *n {
+		rotated := append(append([]string{}, urls[i%len(urls):]...), urls[:i%len(urls)]...)
+		var dialled atomic.Value // the relay address of the newest dial
+		dialled.Store("")
+		local := &net.TCPAddr{IP: net.IPv4(127, 0, byte(1+i/50000), byte(10+i%200))}
+		a, err := agent.New(agent.Config{
+			RelayURLs: rotated, EnrollToken: os.Getenv("TETHER_ENROLL_TOKEN"),
+			StateDir: filepath.Join(*state, fmt.Sprint(i)), DeviceName: fmt.Sprintf("%s-%d", *prefix, i),
+			Services: svcs, RootCAs: roots, HeartbeatInterval: *heartbeat, Logger: quiet,
+			OnLeases: func([]frames.Lease) {
+				emit(simEvent{Agent: &i, Registered: time.Now().UnixNano(), Relay: dialled.Load().(string)})
+			},
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				dialled.Store(addr)
+				return (&net.Dialer{LocalAddr: local, KeepAlive: -1}).DialContext(ctx, network, addr)
+			},
+		})
+		if err != nil {
+			log.Fatal(err)
+		}
+		wg.Go(func() {
+			if err := a.Run(ctx); err != nil {
+				emit(simEvent{Agent: &i, GaveUp: err.Error()})
+			}
+		})
+		if i%200 == 199 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	wg.Wait()
+}
