@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/natsembed"
+	"github.com/tetherfleet/tether/controlplane/natsperm"
 	"github.com/tetherfleet/tether/cross/harness"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
@@ -406,4 +408,111 @@ func get(t *testing.T, c *http.Client, url string, status int) string {
 		t.Fatalf("GET %s: %d, want %d: %s", url, resp.StatusCode, status, b)
 	}
 	return string(b)
+}
+
+// TestClusterContract runs the cluster as an operator would on two hosts:
+// a NATS server with Tether's users, tether-controlplane, two relays in
+// cluster mode (NATS user and password file, relay IDs, public names,
+// cluster addresses on 127.0.0.1 and 127.0.0.2) and an agent that lists
+// both relays and trusts the control plane's ca.pem. The device, held by
+// the first relay, is served through the second too, over HTTPS and TCP.
+func TestClusterContract(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binaries")
+	}
+	bin := harness.BuildT(t, "tether-relay", "tether-agent", "tether-controlplane", "tetherctl")
+	top := t
+	start := func(name string, env ...string) *harness.Proc {
+		t.Helper()
+		p, err := harness.Start(harness.Cmd{Path: filepath.Join(bin, name), Env: env})
+		if err != nil {
+			t.Fatal(err)
+		}
+		harness.StopAtEnd(top, p)
+		return p
+	}
+	ns, err := natsembed.StartConfig(natsembed.Config{Listen: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Shutdown()
+	dir := t.TempDir()
+	passFile := filepath.Join(dir, "relay-password")
+	if err := os.WriteFile(passFile, []byte(ns.Auth(natsperm.Relay).Password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ports := relaytest.FreePortRange(t, 8)
+	cpData, admin := filepath.Join(dir, "controlplane"), freeAddr(t)
+	cp := start("tether-controlplane", "TETHER_NATS_URL="+ns.ClientURL(), "TETHER_NATS_USER=controlplane",
+		"TETHER_NATS_PASSWORD="+ns.Auth(natsperm.ControlPlane).Password, "TETHER_DATA_DIR="+cpData, "TETHER_CLAIM_WAIT=100ms",
+		"TETHER_TCP_PORTS="+ports.String(), "TETHER_ADMIN_ADDR="+admin, "TETHER_OPS_ADDR="+freeAddr(t), "TETHER_LOG_FORMAT=json")
+	waitHTTP(t, "http://"+admin+"/v1/relays", 401, cp)
+
+	type relayAddrs map[string]string
+	var relays []relayAddrs
+	for i, host := range []string{"127.0.0.1", "127.0.0.2"} {
+		a := relayAddrs{"https": freeAddrOn(t, host), "http": freeAddrOn(t, host), "ops": freeAddrOn(t, host), "cluster": freeAddrOn(t, host), "host": host}
+		id := fmt.Sprintf("relay-%d", i+1)
+		p := start("tether-relay", "TETHER_NATS_URL="+ns.ClientURL(), "TETHER_NATS_USER=relay", "TETHER_NATS_PASSWORD_FILE="+passFile,
+			"TETHER_RELAY_ID="+id, "TETHER_PUBLIC_NAMES="+id+".localhost", "TETHER_DATA_DIR="+filepath.Join(dir, id),
+			"TETHER_HTTPS_ADDR="+a["https"], "TETHER_HTTP_ADDR="+a["http"], "TETHER_OPS_ADDR="+a["ops"], "TETHER_CLUSTER_ADDR="+a["cluster"],
+			"TETHER_TCP_HOST="+host, "TETHER_TCP_PORTS="+ports.String(), "TETHER_DRAIN_WINDOW=500ms", "TETHER_LOG_FORMAT=json")
+		relaytest.Eventually(t, 20*time.Second, func() error {
+			code, body := tryGet(http.DefaultClient, "http://"+a["ops"]+"/readyz")
+			if code != 200 || body != "ready\n" {
+				return fmt.Errorf("%s /readyz: %d %q\n%s", id, code, body, p.Logs())
+			}
+			return nil
+		})
+		relays = append(relays, a)
+		root, _ := os.ReadFile(filepath.Join(dir, id, "ca.pem"))
+		if cpRoot, _ := os.ReadFile(filepath.Join(cpData, "ca.pem")); len(root) == 0 || string(root) != string(cpRoot) {
+			t.Fatalf("%s's ca.pem is not the control plane's root", id)
+		}
+	}
+
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "web on pi01 for %s", r.Header.Get("X-Forwarded-For"))
+	}))
+	defer web.Close()
+	ssh := relaytest.LineService(t)
+	ctlEnv := []string{"TETHER_ADMIN_URL=http://" + admin, "TETHER_ADMIN_TOKEN_FILE=" + filepath.Join(cpData, "admin-token")}
+	token := strings.TrimSpace(ctl(t, bin, ctlEnv, "token", "create"))
+	start("tether-agent", "TETHER_RELAY_URL=wss://"+relays[0]["https"]+",wss://"+relays[1]["https"], "TETHER_RELAY_CA="+filepath.Join(cpData, "ca.pem"),
+		"TETHER_DEVICE_NAME=pi01", "TETHER_STATE_DIR="+t.TempDir(), "TETHER_HEARTBEAT_INTERVAL=1s", "TETHER_ENROLL_TOKEN="+token,
+		"TETHER_SERVICES=web="+web.URL+",ssh=tcp://"+ssh)
+	leases, _ := waitLeases(t, bin, ctlEnv, 2, 0)
+	if leases["web"].Relay != "relay-1" {
+		t.Fatalf("the agent's session is on %q, want relay-1 (its first URL)", leases["web"].Relay)
+	}
+	second := publicClient(t, filepath.Join(cpData, "ca.pem"), map[string]string{"http": relays[1]["http"], "https": relays[1]["https"]})
+	relaytest.Eventually(t, 20*time.Second, func() error {
+		if code, body := tryGet(second, "https://web-pi01.localhost/"); code != 200 || !strings.HasPrefix(body, "web on pi01 for 127.0.0.1") {
+			return fmt.Errorf("through relay-2: %d %q", code, body)
+		}
+		return nil
+	})
+	c, err := net.Dial("tcp", net.JoinHostPort(relays[1]["host"], fmt.Sprint(leases["ssh"].Port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintln(c, "hello")
+	c.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(c); err != nil || string(got) != "HELLO\nbye\n" {
+		t.Fatalf("TCP lease through relay-2: %q %v", got, err)
+	}
+	if out := ctl(t, bin, ctlEnv, "relays"); !strings.Contains(out, "relay-1") || !strings.Contains(out, "relay-2") || !strings.Contains(out, "relay-1.localhost") {
+		t.Fatalf("tetherctl relays:\n%s", out)
+	}
+}
+
+func freeAddrOn(t *testing.T, host string) string {
+	ln, err := net.Listen("tcp", host+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
