@@ -168,7 +168,10 @@ func (s *Server) eventEffects(ev controlplane.DeviceEvent) {
 		s.log.Info("cutting off revoked device", "device", sess.name)
 		sess.fail(frames.CodeRevoked, "device revoked by the operator")
 	case controlplane.EventSession:
-		if gen := sess.generation(); ev.Generation > gen {
+		// A newer session here replaced this one in the routing table
+		// already; one on this relay with a higher generation is this
+		// session renumbered by a sync.
+		if gen := sess.generation(); ev.RelayID != s.cfg.RelayID && ev.Generation > gen {
 			sess.fail(frames.CodeSuperseded, fmt.Sprintf("session %d superseded by session %d on relay %s", gen, ev.Generation, ev.RelayID))
 		}
 	}

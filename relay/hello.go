@@ -76,6 +76,16 @@ func (s *Server) setReachable(up bool) (changed bool) {
 	return true
 }
 
+// cpTimeout bounds a handshake's request to the control plane: short
+// while its hellos fail (the agent is admitted from the replica instead of
+// waiting), the client's own otherwise.
+func (s *Server) cpTimeout() time.Duration {
+	if s.ControlPlaneReachable() {
+		return 10 * time.Second
+	}
+	return time.Second
+}
+
 // ControlPlaneReachable reports whether the relay's last hello reached the
 // control plane (and the sessions held here are synced with it).
 func (s *Server) ControlPlaneReachable() bool { return s.reachable.Load() }

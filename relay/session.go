@@ -299,8 +299,10 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	// do not open a session. From here until the session is routed, a sync
 	// of the sessions held here waits.
 	sess.holdSync()
-	cr, err := s.cp.Connect(ctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID,
+	cctx, cancel := context.WithTimeout(ctx, s.cpTimeout())
+	cr, err := s.cp.Connect(cctx, controlplane.ConnectRequest{PublicKey: hello.PublicKey[:], RelayID: s.cfg.RelayID,
 		AgentVersion: hello.AgentVersion, Nonce: ch.Nonce, Signature: auth.Signature})
+	cancel()
 	if controlplane.KindOf(err) == controlplane.KindUnavailable {
 		cr, err = sess.admitFromReplica(hello.PublicKey[:], err)
 	} else if err == nil {
@@ -368,7 +370,9 @@ func (sess *session) register(ctx context.Context, reg *frames.Register) (*frame
 		for _, svc := range reg.Services {
 			req.Services = append(req.Services, controlplane.Service{Name: svc.Name, Proto: svc.Proto})
 		}
-		leases, err = sess.srv.cp.Register(ctx, req)
+		rctx, cancel := context.WithTimeout(ctx, sess.srv.cpTimeout())
+		leases, err = sess.srv.cp.Register(rctx, req)
+		cancel()
 		if err != nil && controlplane.KindOf(err) != controlplane.KindUnavailable {
 			return nil, nil, sess.refuseCP(err)
 		}
