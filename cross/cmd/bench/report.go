@@ -94,6 +94,11 @@ func (r *report) write(machine string) error {
 		"both run at once against the same current relay, each under its own device name, and their runs interleave (direct, baseline, current). "+
 		"Goals are from the issue, measured on peers the same way; they are targets, not assertions.\n\n",
 		numCPU(), r.settings.reps, dash(r.baseline))
+	if r.settings.cluster {
+		b.WriteString("The *cluster* rows run nats-server (relay/deploy/nats.conf), a control plane and relays on 127.0.0.1, .2 and .3, each its own process. " +
+			"In the forwarded-path rows *direct* is through the relay holding the agent's session (same relay) and *current* through another relay " +
+			"(forwarded: user → B → A → agent), so current/direct is the forwarded/same-relay ratio.\n\n")
+	}
 	b.WriteString("| figure | direct | baseline agent | current agent | current/direct | current/baseline | goal | notes |\n|---|---|---|---|---|---|---|---|\n")
 	for _, x := range r.rows {
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(x.name), summary(x.direct), summary(x.baseline), summary(x.current),
