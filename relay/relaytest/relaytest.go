@@ -1,9 +1,12 @@
-// Package relaytest runs a complete Tether server in-process for tests and
-// benchmarks: an embedded NATS server, a control plane on bbolt in a temp
-// dir, and a relay on loopback listeners whose certificates come from the
-// control plane's cluster CA. RawAgent speaks the
-// agent's side of the protocol frame by frame, for tests of what a real
-// agent never does.
+// Package relaytest runs Tether in-process for tests and benchmarks.
+// Start runs a complete server: an embedded NATS server, a control plane on
+// bbolt in a temp dir, and a relay on loopback listeners whose certificates
+// come from the control plane's cluster CA (AddRelay adds relays on
+// 127.0.0.2, .3, …). StartCluster runs a cluster as three hosts would: a
+// three-server NATS cluster with Tether's users, the control plane, and
+// relays on 127.0.0.1, .2, .3 that can be killed, restarted and cut off.
+// RawAgent speaks the agent's side of the protocol frame by frame, for
+// tests of what a real agent never does.
 //
 // It does not import package agent: tests that run the real agent build
 // its Config from RelayURL and CA.Pool themselves.
