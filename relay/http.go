@@ -189,6 +189,9 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error, u
 	case errors.As(err, &refused) && refused.Refuse.Code == frames.CodeDialFailed:
 		s.errorPage(w, http.StatusBadGateway, "service_refused", "Service unreachable on the device",
 			fmt.Sprintf("Device %s is online, but its service %s did not accept the connection (%s).", up.device, up.service, refused.Refuse.Message))
+	case errors.As(err, &refused) && refused.Refuse.Code == frames.CodeRevoked:
+		s.errorPage(w, http.StatusServiceUnavailable, "revoked", "Device revoked",
+			fmt.Sprintf("Device %s was revoked by the operator, so its service %s is no longer served.", up.device, up.service))
 	case errors.As(err, &refused) && refused.Refuse.Code == frames.CodeTooManyStreams:
 		s.errorPage(w, http.StatusServiceUnavailable, "too_many_streams", "Device busy",
 			fmt.Sprintf("Device %s has too many open connections; try again shortly.", up.device))
