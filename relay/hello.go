@@ -43,11 +43,13 @@ func (s *Server) hello() {
 		s.metrics.hellos.WithLabelValues("error").Inc()
 		// Sessions may come and go unseen meanwhile: sync when it is back.
 		s.needSync.Store(true)
-		if s.setReachable(false) {
+		s.setReachable(false)
+		if s.helloFails++; s.helloFails == 1 {
 			s.log.Warn("control plane unreachable: serving from the replica", "err", err)
 		}
 		return
 	}
+	s.helloFails = 0
 	s.metrics.hellos.WithLabelValues("ok").Inc()
 	s.setPeers(resp.Relays)
 	s.checkSeq(resp.Epoch, resp.Seq)

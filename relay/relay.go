@@ -142,8 +142,9 @@ type Server struct {
 	eventsLost atomic.Bool
 	resync     chan struct{} // asks the follow loop for a snapshot (1 slot)
 
-	reachable atomic.Bool // the last hello reached the control plane
-	needSync  atomic.Bool // the control plane may not know the sessions held here
+	reachable  atomic.Bool // the last hello reached the control plane
+	helloFails int         // hellos failed in a row (the hello loop's own)
+	needSync   atomic.Bool // the control plane may not know the sessions held here
 	// syncMu: a sync (writer) sees every session the control plane was
 	// told of and none it was told ended; handshakes from their connect
 	// to their routing, and goodbyes, are readers.
