@@ -3,7 +3,9 @@
 // package with its own key, state directory and wss session, spread over
 // 127.0.0.x source addresses, and reports on stdout as JSON lines:
 //
-//	{"agent":17,"registered":1732255132000000000}  agent 17 got its leases (unix ns)
+//	{"agent":17,"registered":1732255132000000000,"relay":"127.0.0.2:8443"}
+//	                                                agent 17 got its leases (unix ns) on the
+//	                                                relay dialled at that address
 //	{"agent":17,"gave_up":"device revoked ..."}     agent 17's Run returned an error
 //	{"up":123456,"down":654321,"at":1732255133000000000}
 //	                                                bytes through all sockets so far
@@ -22,6 +24,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -31,7 +34,8 @@ import (
 func main() {
 	var s sim
 	flag.IntVar(&s.n, "n", 100, "number of agents")
-	flag.StringVar(&s.relay, "relay", "", "relay URL, wss://HOST:PORT (required)")
+	relays := flag.String("relay", "", "relay URL, wss://HOST:PORT, or a comma-separated list: agent i lists them starting at the i-th (required)")
+	flag.BoolVar(&s.paced, "paced", false, "start 200 agents at a time, each batch once 90% of those before have registered (or after 10s)")
 	ca := flag.String("ca", "", "PEM file of the CA to trust for the relay; empty: system roots")
 	flag.StringVar(&s.token, "token", "", "enrollment token with at least -n uses, needed on the first run of a state dir; empty: $TETHER_ENROLL_TOKEN")
 	flag.StringVar(&s.state, "state", "", "directory for the agents' state, one subdirectory each (required)")
@@ -45,7 +49,10 @@ func main() {
 	}
 	log.SetPrefix("tether-fleetsim: ")
 	log.SetFlags(0)
-	if s.n <= 0 || s.relay == "" || s.state == "" || *services == "" {
+	if *relays != "" {
+		s.relays = strings.Split(*relays, ",")
+	}
+	if s.n <= 0 || len(s.relays) == 0 || s.state == "" || *services == "" {
 		flag.Usage()
 		os.Exit(2)
 	}

@@ -269,7 +269,7 @@ func benchForwarded(ctx context.Context, e *env, c *cluster, r *report) error {
 	return nil
 }
 
-// simFleet is the output of the bench's cluster fleet (simfleet.go).
+// simFleet is the output of tether-fleetsim running the cluster's fleet.
 type simFleet struct {
 	proc    *harness.Proc
 	mu      sync.Mutex
@@ -293,7 +293,7 @@ func (f *simFleet) Write(p []byte) (int, error) {
 		if i < 0 {
 			break
 		}
-		var ev simEvent
+		var ev fleetEvent
 		json.Unmarshal(f.partial[:i], &ev)
 		f.partial = f.partial[i+1:]
 		if ev.Agent == nil || *ev.Agent < 0 || *ev.Agent >= len(f.reg) {
@@ -325,18 +325,14 @@ func benchFailover(ctx context.Context, e *env, c *cluster, r *report, n int) er
 		before[i], _, _ = c.relays[i].RSS()
 		liveBefore[i] = liveMem(c.at(i, c.opsPort))
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
 	var urls []string
 	for i := range 3 {
 		urls = append(urls, "wss://"+c.at(i, c.httpsPort))
 	}
 	f := &simFleet{reg: make([]int64, n), relay: make([]string, n)}
 	begin := time.Now()
-	f.proc, err = harness.Start(harness.Cmd{Path: self, Stdout: f,
-		Args: []string{simFleetArg, "-n", strconv.Itoa(n), "-relays", strings.Join(urls, ","), "-ca", c.caFile,
+	f.proc, err = harness.Start(harness.Cmd{Path: filepath.Join(e.bin, "tether-fleetsim"), Stdout: f,
+		Args: []string{"-n", strconv.Itoa(n), "-paced", "-name", "csim", "-relay", strings.Join(urls, ","), "-ca", c.caFile,
 			"-state", filepath.Join(c.dir, "fleet"), "-services", "web=http://" + e.originAddr, "-heartbeat", e.s.heartbeat.String()},
 		Env: []string{"TETHER_ENROLL_TOKEN=" + tok.Secret}})
 	if err != nil {

@@ -33,6 +33,7 @@ type fleet struct {
 type fleetEvent struct {
 	Agent      *int   `json:"agent"`
 	Registered int64  `json:"registered"`
+	Relay      string `json:"relay"` // the address the registered session was dialled to
 	GaveUp     string `json:"gave_up"`
 	Up         int64  `json:"up"`
 	Down       int64  `json:"down"`

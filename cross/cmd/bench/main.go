@@ -59,10 +59,6 @@ type settings struct {
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == simFleetArg {
-		simFleetMain(os.Args[2:])
-		return
-	}
 	out := flag.String("out", "BENCHMARKS.md", "where the table is written")
 	profile := flag.String("profile", "", "instead of the benchmarks: write a CPU profile of the relay under HTTP keep-alive load to this file")
 	baseline := flag.String("baseline-agent", os.Getenv("BENCH_BASELINE"), "git revision whose agent is measured next to the current one ($BENCH_BASELINE; "+
