@@ -1,6 +1,8 @@
-// Package devca makes the self-signed development CA that a relay without
-// certificate files uses: the CA lives in the data dir (ca.pem, ca-key.pem)
-// and signs a fresh server certificate for the relay at every start.
+// Package devca makes a self-signed CA in a directory (ca.pem, ca-key.pem)
+// and server certificates under it, for tests. It is also the layout of
+// the development CA that relays before the cluster release made, which
+// controlplane/clusterca loads. Relays now get their certificates from the
+// cluster CA (controlplane/clusterca, relay/certs.go).
 package devca
 
 import (
