@@ -76,6 +76,12 @@ const (
 	// TypeError (either way) carries a code and a message; the sender closes
 	// the session after it.
 	TypeError Type = 10
+	// TypeUpdateOffer (relay→agent) offers a signed agent release: version,
+	// manifest and its minisign signature.
+	TypeUpdateOffer Type = 11
+	// TypeUpdateStatus (agent→relay) reports an update's progress: version,
+	// state, reason.
+	TypeUpdateStatus Type = 12
 )
 
 // Data-stream messages. The relay opens one stream per public connection.
@@ -94,6 +100,9 @@ const (
 	// address. The holding relay answers as an agent does (stream-accept or
 	// stream-refuse, passed on from the agent or its own).
 	TypePeerOpen Type = 35
+	// TypeFetch (agent→relay) is the first frame of a stream the agent opens
+	// to download a release file from an offset: version, arch, offset.
+	TypeFetch Type = 36
 )
 
 // Errors returned by the decoders.
@@ -223,6 +232,12 @@ func newMessage(t Type) Message {
 		return new(StreamRefuse)
 	case TypePeerOpen:
 		return new(PeerOpen)
+	case TypeUpdateOffer:
+		return new(UpdateOffer)
+	case TypeUpdateStatus:
+		return new(UpdateStatus)
+	case TypeFetch:
+		return new(Fetch)
 	}
 	return &Unknown{T: t}
 }
@@ -233,7 +248,8 @@ var typeNames = map[Type]string{
 	TypeHeartbeat: "heartbeat", TypeHeartbeatAck: "heartbeat-ack",
 	TypeDrain: "drain", TypeError: "error", TypeStreamOpen: "stream-open",
 	TypeStreamAccept: "stream-accept", TypeStreamRefuse: "stream-refuse",
-	TypePeerOpen: "peer-open",
+	TypePeerOpen: "peer-open", TypeUpdateOffer: "update-offer",
+	TypeUpdateStatus: "update-status", TypeFetch: "fetch",
 }
 
 func (t Type) String() string {

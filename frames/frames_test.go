@@ -42,6 +42,9 @@ func samples() map[string]Message {
 		"stream-accept": &StreamAccept{},
 		"stream-refuse": &StreamRefuse{Code: CodeDialFailed, Message: "dial tcp 127.0.0.1:3000: connection refused"},
 		"peer-open":     &PeerOpen{DeviceID: "dk3vq7x2m4n5p6r7s", Service: "web", ClientAddr: "[2001:db8::9]:51234"},
+		"update-offer":  &UpdateOffer{Version: "v1.4.0", Manifest: []byte(`{"version":"v1.4.0"}`), Signature: []byte("untrusted comment: x\nRWQ=\n")},
+		"update-status": &UpdateStatus{Version: "v1.4.0", State: UpdateRolledBack, Reason: "no heartbeat within 2m0s"},
+		"fetch":         &Fetch{Version: "v1.4.0", Arch: "armv7", Offset: 1 << 20},
 	}
 }
 
@@ -79,6 +82,7 @@ func TestFrozenConstants(t *testing.T) {
 		TypeHello: 1, TypeChallenge: 2, TypeAuth: 3, TypeWelcome: 4, TypeRegister: 5,
 		TypeLeases: 6, TypeHeartbeat: 7, TypeHeartbeatAck: 8, TypeDrain: 9, TypeError: 10,
 		TypeStreamOpen: 32, TypeStreamAccept: 33, TypeStreamRefuse: 34, TypePeerOpen: 35,
+		TypeUpdateOffer: 11, TypeUpdateStatus: 12, TypeFetch: 36,
 	}
 	for typ, v := range frozen {
 		if uint8(typ) != v {

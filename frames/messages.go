@@ -11,6 +11,9 @@ const (
 	MaxServices = 64
 	// MaxString is the longest string field, in bytes.
 	MaxString = 1024
+	// MaxBlob is the longest byte-string field (a release manifest or its
+	// signature), in bytes.
+	MaxBlob = 16 << 10
 )
 
 // Hello (agent→relay) opens the handshake on the control stream.
@@ -152,6 +155,42 @@ type PeerOpen struct {
 	ClientAddr string // public client's address, "ip:port", as in StreamOpen
 }
 
+// UpdateOffer (relay→agent, control stream) offers a signed agent release.
+// The agent verifies the signature with its own release keys and answers
+// with UpdateStatus frames; an offer it does not trust changes nothing.
+type UpdateOffer struct {
+	Version   string // the release's version, e.g. "v1.4.0"
+	Manifest  []byte // the release manifest exactly as signed (JSON)
+	Signature []byte // the manifest's minisign signature file
+}
+
+// Update states reported in UpdateStatus.State.
+const (
+	UpdateDownloading = "downloading" // the binary is being fetched
+	UpdateApplied     = "applied"     // swapped in; the new version is starting
+	UpdateHealthy     = "healthy"     // the new version connected and passed its heartbeats
+	UpdateRolledBack  = "rolled-back" // the new version failed; the previous one runs again
+	UpdateFailed      = "failed"      // nothing changed: download or verification failed
+	UpdateRefused     = "refused"     // nothing changed: the offer is untrusted, a downgrade or below the floor
+)
+
+// UpdateStatus (agent→relay, control stream) reports an update's progress.
+type UpdateStatus struct {
+	Version string // the release the status is about
+	State   string // one of the Update* states
+	Reason  string // why, for rolled-back, failed and refused
+}
+
+// Fetch (agent→relay) is the first frame of a stream the agent opens to
+// download the release binary for its architecture. The relay answers
+// StreamAccept followed by the file's bytes from Offset to its end, then
+// closes the stream; or StreamRefuse.
+type Fetch struct {
+	Version string // the release's version
+	Arch    string // the manifest's architecture key, e.g. "arm64", "armv7"
+	Offset  uint64 // where to resume, in bytes
+}
+
 // Unknown is a frame of a type this version does not know. Receivers skip it.
 type Unknown struct {
 	T       Type
@@ -172,6 +211,9 @@ func (*StreamOpen) Type() Type   { return TypeStreamOpen }
 func (*StreamAccept) Type() Type { return TypeStreamAccept }
 func (*StreamRefuse) Type() Type { return TypeStreamRefuse }
 func (*PeerOpen) Type() Type     { return TypePeerOpen }
+func (*UpdateOffer) Type() Type  { return TypeUpdateOffer }
+func (*UpdateStatus) Type() Type { return TypeUpdateStatus }
+func (*Fetch) Type() Type        { return TypeFetch }
 func (u *Unknown) Type() Type    { return u.T }
 
 func (m *Hello) AppendPayload(b []byte) []byte {
@@ -347,6 +389,48 @@ func (m *PeerOpen) parse(p []byte) error {
 	return d.err
 }
 
+func (m *UpdateOffer) AppendPayload(b []byte) []byte {
+	b = appendString(b, m.Version)
+	b = appendBlob(b, m.Manifest)
+	return appendBlob(b, m.Signature)
+}
+
+func (m *UpdateOffer) parse(p []byte) error {
+	d := decoder{p: p}
+	m.Version = d.string()
+	m.Manifest = d.blob()
+	m.Signature = d.blob()
+	return d.err
+}
+
+func (m *UpdateStatus) AppendPayload(b []byte) []byte {
+	b = appendString(b, m.Version)
+	b = appendString(b, m.State)
+	return appendString(b, m.Reason)
+}
+
+func (m *UpdateStatus) parse(p []byte) error {
+	d := decoder{p: p}
+	m.Version = d.string()
+	m.State = d.string()
+	m.Reason = d.string()
+	return d.err
+}
+
+func (m *Fetch) AppendPayload(b []byte) []byte {
+	b = appendString(b, m.Version)
+	b = appendString(b, m.Arch)
+	return binary.BigEndian.AppendUint64(b, m.Offset)
+}
+
+func (m *Fetch) parse(p []byte) error {
+	d := decoder{p: p}
+	m.Version = d.string()
+	m.Arch = d.string()
+	m.Offset = d.u64()
+	return d.err
+}
+
 func (m *Unknown) AppendPayload(b []byte) []byte { return append(b, m.Payload...) }
 func (m *Unknown) parse(p []byte) error          { m.Payload = p; return nil }
 
@@ -358,6 +442,16 @@ func appendString(b []byte, s string) []byte {
 	}
 	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
 	return append(b, s...)
+}
+
+// appendBlob appends p as uint16 length + bytes, truncated to MaxBlob so
+// that what is written can always be read back.
+func appendBlob(b, p []byte) []byte {
+	if len(p) > MaxBlob {
+		p = p[:MaxBlob]
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(p)))
+	return append(b, p...)
 }
 
 // decoder reads fields from a payload; the first failure sticks in err and
@@ -410,6 +504,19 @@ func (d *decoder) string() string {
 		return ""
 	}
 	return string(d.take(n))
+}
+
+func (d *decoder) blob() []byte {
+	n := int(d.u16())
+	if d.err == nil && n > MaxBlob {
+		d.err = fmt.Errorf("byte string of %d bytes: %w", n, ErrInvalid)
+		return nil
+	}
+	v := d.take(n)
+	if v == nil {
+		return nil
+	}
+	return append([]byte(nil), v...)
 }
 
 func (d *decoder) count(max int) int {
