@@ -112,6 +112,10 @@ type Config struct {
 	// plane; it must be the control plane's. Zero means
 	// controlplane.HelloInterval.
 	HelloInterval time.Duration
+	// Releases offers agent updates, serves their binaries and records
+	// agents' update reports (natsapi.Client over NATS). Nil means agents
+	// are never offered updates.
+	Releases controlplane.Releases
 	// Mux tunes the smux sessions.
 	Mux wsmux.Config
 	// Logger; nil discards.
