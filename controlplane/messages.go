@@ -160,11 +160,14 @@ type SnapshotResponse struct {
 
 // HelloRequest is a relay's periodic announcement.
 type HelloRequest struct {
-	RelayID      string   `json:"relay_id"`
-	ClusterAddr  string   `json:"cluster_addr"`           // where peers reach it
-	PublicNames  []string `json:"public_names,omitempty"` // its own hostnames: never leased
-	Sessions     int      `json:"sessions"`
-	UnboundPorts []uint16 `json:"unbound_ports,omitempty"` // leased ports it could not bind
+	RelayID     string   `json:"relay_id"`
+	ClusterAddr string   `json:"cluster_addr"`           // where peers reach it
+	PublicNames []string `json:"public_names,omitempty"` // its own hostnames: never leased
+	// ReservedLabels are the hostname labels its public names take under
+	// its domain ("relay-1" for relay-1.example.com): never leased.
+	ReservedLabels []string `json:"reserved_labels,omitempty"`
+	Sessions       int      `json:"sessions"`
+	UnboundPorts   []uint16 `json:"unbound_ports,omitempty"` // leased ports it could not bind
 }
 
 // HelloResponse lists the live relays (the asker too).

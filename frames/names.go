@@ -36,6 +36,17 @@ func ValidServiceName(name string) error {
 	return nil
 }
 
+// MaxLabel is the longest DNS label, a public hostname's first label.
+const MaxLabel = 63
+
+// ValidLabel checks a hostname label (1 to MaxLabel of a-z, 0-9, inner '-').
+func ValidLabel(label string) error {
+	if !isSlug(label, MaxLabel) {
+		return fmt.Errorf("%w: hostname label %q is not a DNS-safe slug (1-%d of a-z, 0-9, inner '-')", ErrBadName, label, MaxLabel)
+	}
+	return nil
+}
+
 // isSlug reports whether s is 1..max of a-z, 0-9 and inner '-' (written
 // out rather than with regexp: the agent checks names too).
 func isSlug(s string, max int) bool {

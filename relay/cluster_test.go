@@ -2,6 +2,7 @@ package relay_test
 
 import (
 	"context"
+	"crypto/ed25519"
 	"fmt"
 	"io"
 	"net/http/httptest"
@@ -81,6 +82,32 @@ func TestPublicNameLeasedIsAStartupError(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "web-pi01.localhost") || !strings.Contains(err.Error(), "pi01") {
 		t.Fatalf("start: %v", err)
 	}
+}
+
+// TestRelayNamesAreNeverLeased: once a relay announced its public names,
+// no device takes them, whatever its device and service names (device
+// "1" with service "relay" would be relay-1), and the relay restarts
+// without a clash.
+func TestRelayNamesAreNeverLeased(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) {
+		c.PublicNames = []string{"relay-1.localhost", "tether.example.net"}
+	}})
+	relaytest.Eventually(t, 10*time.Second, func() error {
+		for _, r := range e.CP.Service.Relays() {
+			if r.ID == "relay-test" && len(r.PublicNames) == 2 {
+				return nil
+			}
+		}
+		return fmt.Errorf("relay-test's names not announced yet")
+	})
+	_, key, _ := ed25519.GenerateKey(nil)
+	e.Enroll(t, key, "1")
+	ls := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool()).Handshake(t, key, frames.Service{Name: "relay", Proto: "http"})
+	if got := ls.Leases[0].Hostname; got != "relay-1-2.localhost" {
+		t.Fatalf("device 1's service relay leased %q, want relay-1-2.localhost (relay-1 is the relay's own)", got)
+	}
+	e.KillRelay()
+	e.StartRelay() // fails the test on a clash
 }
 
 // TestSyncAfterControlPlaneOutage: while the control plane is away, the

@@ -34,7 +34,7 @@ func (s *Server) hello() {
 	defer cancel()
 	resp, err := s.cp.Hello(ctx, controlplane.HelloRequest{
 		RelayID: s.cfg.RelayID, ClusterAddr: s.cfg.ClusterAddr, PublicNames: s.cfg.PublicNames,
-		Sessions: s.Sessions(), UnboundPorts: s.tcp.unbound(),
+		ReservedLabels: s.ownLabels(), Sessions: s.Sessions(), UnboundPorts: s.tcp.unbound(),
 	})
 	if err != nil {
 		if s.ctx.Err() != nil {

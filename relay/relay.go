@@ -273,17 +273,25 @@ func (s *Server) leasedPorts() []uint16 {
 	return ports
 }
 
+// ownLabels returns the hostname labels the relay's public names take
+// under its domain: the control plane never leases them.
+func (s *Server) ownLabels() []string {
+	var labels []string
+	for _, name := range s.cfg.PublicNames {
+		if label, ok := s.label(name); ok {
+			labels = append(labels, label)
+		}
+	}
+	return labels
+}
+
 // checkPublicNames refuses a public name of the relay that the replica
 // says is leased to a device.
 func (s *Server) checkPublicNames() error {
-	for _, name := range s.cfg.PublicNames {
-		label, ok := s.label(name)
-		if !ok {
-			continue
-		}
+	for _, label := range s.ownLabels() {
 		if rec, lease, ok := s.replica.ByHostname(label); ok {
 			return fmt.Errorf("public name %s of this relay is leased to service %s of device %s: a relay's own names are never leased; choose another TETHER_PUBLIC_NAMES or release the lease",
-				name, lease.Service, rec.Name)
+				s.Hostname(label), lease.Service, rec.Name)
 		}
 	}
 	return nil

@@ -80,7 +80,7 @@ func (s *Store) lease(tx *bolt.Tx, d controlplane.Device, svc controlplane.Servi
 	l = controlplane.Lease{DeviceID: d.ID, DeviceName: d.Name, Service: svc.Name, Proto: svc.Proto, CreatedAt: now}
 	switch svc.Proto {
 	case controlplane.ProtoHTTP:
-		label, err := freeHostname(tx.Bucket(bucketHostnames), svc.Name+"-"+d.Name)
+		label, err := freeHostname(tx.Bucket(bucketHostnames), tx.Bucket(bucketReserved), svc.Name+"-"+d.Name)
 		if err != nil {
 			return l, err
 		}
@@ -113,14 +113,16 @@ func (s *Store) release(tx *bolt.Tx, l controlplane.Lease) error {
 	return nil
 }
 
-func freeHostname(b *bolt.Bucket, label string) (string, error) {
+// freeHostname returns label, or label-2, label-3..., the first that is
+// neither leased nor reserved.
+func freeHostname(leased, reserved *bolt.Bucket, label string) (string, error) {
 	for i := 1; i < 100000; i++ {
 		cand := label
 		if i > 1 {
 			sfx := "-" + strconv.Itoa(i)
 			cand = label[:min(len(label), 63-len(sfx))] + sfx
 		}
-		if b.Get([]byte(cand)) == nil {
+		if leased.Get([]byte(cand)) == nil && reserved.Get([]byte(cand)) == nil {
 			return cand, nil
 		}
 	}
@@ -193,4 +195,42 @@ func (s *Store) Leases(ctx context.Context) ([]controlplane.Lease, error) {
 		return cmp.Or(strings.Compare(a.DeviceName, b.DeviceName), strings.Compare(a.Service, b.Service))
 	})
 	return out, wrap("list leases", err)
+}
+
+// Reserve records hostname labels that are a relay's own names, so that
+// no lease ever takes them. When it reserves a label for the first time it
+// returns the leases that already hold any of labels (a device took the
+// name before the relay announced it; the relay refuses to start with it
+// until the lease is released). A label stays reserved when the relay
+// stops announcing it.
+func (s *Store) Reserve(ctx context.Context, relayID string, labels []string) (leased []controlplane.Lease, err error) {
+	missing := false
+	err = s.db.View(func(tx *bolt.Tx) error {
+		leased, missing = nil, false
+		for _, label := range labels {
+			if tx.Bucket(bucketReserved).Get([]byte(label)) == nil {
+				missing = true
+			}
+			if key := tx.Bucket(bucketHostnames).Get([]byte(label)); key != nil {
+				var l controlplane.Lease
+				if _, err := getJSON(tx.Bucket(bucketLeases), key, &l); err != nil {
+					return err
+				}
+				leased = append(leased, l)
+			}
+		}
+		return nil
+	})
+	if err != nil || !missing {
+		return nil, wrap("read reserved names", err)
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		for _, label := range labels {
+			if err := tx.Bucket(bucketReserved).Put([]byte(label), []byte(relayID)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return leased, wrap("reserve the names of relay "+relayID, err)
 }

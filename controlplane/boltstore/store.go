@@ -34,7 +34,8 @@ var (
 	bucketHostnames = []byte("hostnames") // hostname label → lease key
 	bucketPorts     = []byte("ports")     // big-endian port → lease key
 	bucketMeta      = []byte("meta")      // "schema" → version
-	allBuckets      = [][]byte{bucketDevices, bucketNames, bucketTokens, bucketLeases, bucketHostnames, bucketPorts, bucketMeta}
+	bucketReserved  = []byte("reserved")  // hostname label → ID of the relay whose own name it is
+	allBuckets      = [][]byte{bucketDevices, bucketNames, bucketTokens, bucketLeases, bucketHostnames, bucketPorts, bucketMeta, bucketReserved}
 )
 
 const schemaVersion = "1"

@@ -51,6 +51,9 @@ type Store interface {
 	Device(ctx context.Context, nameOrID string) (controlplane.Device, error)
 	// Revoke revokes a device by name or ID.
 	Revoke(ctx context.Context, nameOrID string) (controlplane.Device, error)
+	// Reserve keeps a relay's own hostname labels from ever being leased
+	// and returns those already leased.
+	Reserve(ctx context.Context, relayID string, labels []string) ([]controlplane.Lease, error)
 }
 
 // Certifier certifies relays' keys: clusterca.CA implements it.
@@ -289,8 +292,21 @@ func (s *Service) hello(ctx context.Context, r controlplane.HelloRequest) (contr
 	if err := controlplane.ValidRelayID(r.RelayID); err != nil {
 		return controlplane.HelloResponse{}, err
 	}
-	if len(r.PublicNames) > 64 || len(r.UnboundPorts) > 65536 {
+	if len(r.PublicNames) > 64 || len(r.ReservedLabels) > 64 || len(r.UnboundPorts) > 65536 {
 		return controlplane.HelloResponse{}, controlplane.Errorf(controlplane.KindInvalid, "hello of relay %s: too many names or ports", r.RelayID)
+	}
+	for _, label := range r.ReservedLabels {
+		if err := frames.ValidLabel(label); err != nil {
+			return controlplane.HelloResponse{}, controlplane.Errorf(controlplane.KindInvalid, "hello of relay %s: %v", r.RelayID, err)
+		}
+	}
+	leased, err := s.cfg.Store.Reserve(ctx, r.RelayID, r.ReservedLabels)
+	if err != nil {
+		return controlplane.HelloResponse{}, err
+	}
+	for _, l := range leased {
+		s.log.Warn("a relay's own name is leased to a device: that relay refuses to start until the lease is released",
+			"relay", r.RelayID, "hostname", l.Hostname, "device", l.DeviceName, "service", l.Service)
 	}
 	relays, err := s.members.hello(r, s.cfg.Now().UTC())
 	if err != nil {
