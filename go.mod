@@ -3,6 +3,7 @@ module github.com/tetherfleet/tether
 go 1.26.0
 
 require (
+	aead.dev/minisign v0.3.0
 	github.com/coder/websocket v1.8.15
 	github.com/kelseyhightower/envconfig v1.4.0
 	github.com/nats-io/nats-server/v2 v2.15.2
