@@ -28,12 +28,12 @@ cluster: ## start a cluster here: real NATS, a control plane, 3 relays on 127.0.
 	$(GO) build -o bin/tether-cluster ./relay/cmd/tether-cluster
 	./bin/tether-cluster
 
-tools: ## install what the tests need: qemu-user-static (Debian) for the ARM smoke test
-	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null; then :; \
+tools: ## install what the tests need (Debian): qemu-user-static for the ARM smoke test, shellcheck for install.sh
+	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v shellcheck >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing qemu-user-static"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null; \
-	else echo "make tools: install qemu-user-static (as root) to run the ARM smoke test"; fi
+	  echo "installing qemu-user-static shellcheck"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static shellcheck >/dev/null; \
+	else echo "make tools: install qemu-user-static and shellcheck (as root) to run the ARM smoke test and check install.sh"; fi
 
 test: tools ## go vet, then every test with the race detector (what CI runs), and the patched smux copy's own tests
 	$(GO) vet ./...
