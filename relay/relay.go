@@ -157,9 +157,6 @@ type Server struct {
 	fmu        sync.Mutex
 	forwarders map[string]*serviceProxy // device ID/service → proxy through peers
 
-	revokedMu sync.Mutex
-	revoked   map[string]bool // device IDs revoked by a notice to this relay
-
 	mu         sync.Mutex
 	draining   bool
 	peers      map[string]string // live peer relays: ID → cluster address
@@ -201,7 +198,7 @@ func New(cfg Config) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
-		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1), revoked: map[string]bool{},
+		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
 		forwarders: map[string]*serviceProxy{}}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {

@@ -30,12 +30,14 @@ func (s *Server) serveRevocations() {
 }
 
 // applyRevocation cuts a device off here and returns once it is: it is
-// refused at admission and not routed from now on (the replica learns it
-// from the revoked event as well), and its session here is closed.
+// refused at admission and not routed from now on, across restarts (the
+// replica records the notice before anything else; it learns the revoked
+// event as well), and its session here is closed. An error leaves the
+// notice unconfirmed, so the control plane sends it again.
 func (s *Server) applyRevocation(ctx context.Context, n controlplane.RevokeNotice) error {
-	s.revokedMu.Lock()
-	s.revoked[n.DeviceID] = true
-	s.revokedMu.Unlock()
+	if err := s.replica.Revoke(n.DeviceID); err != nil {
+		return err
+	}
 	s.metrics.revocations.Inc()
 	sess := s.reg.session(n.DeviceID)
 	if sess == nil {
@@ -55,14 +57,8 @@ func (s *Server) applyRevocation(ctx context.Context, n controlplane.RevokeNotic
 }
 
 // isRevoked reports whether a device is revoked: by a notice to this
-// relay, or in the replica.
+// relay or an event, as the replica knows.
 func (s *Server) isRevoked(deviceID string) bool {
-	s.revokedMu.Lock()
-	revoked := s.revoked[deviceID]
-	s.revokedMu.Unlock()
-	if revoked {
-		return true
-	}
 	rec, ok := s.replica.Device(deviceID)
 	return ok && rec.Revoked
 }

@@ -35,7 +35,9 @@
 // Admit authenticates a known, unrevoked key from the replica and hands out
 // a provisional generation one above the newest seen for the device,
 // persisted before it is returned. New enrollments and new leases wait for
-// the control plane: the replica only learns them from it.
+// the control plane: the replica only learns them from it. Revocation
+// notices sent to this relay are kept apart (Revoke) and hold whatever the
+// events and snapshots say.
 package replica
 
 import (
@@ -90,6 +92,7 @@ var (
 	bucketMeta        = []byte("meta")        // "schema", "epoch", "seq" (8 bytes big-endian)
 	bucketDevices     = []byte("devices")     // device ID → stored JSON
 	bucketProvisional = []byte("provisional") // device ID → newest provisional generation (8 bytes big-endian)
+	bucketNoticed     = []byte("noticed")     // device ID → unix ms of a revocation notice (see Revoke)
 	keySchema         = []byte("schema")
 	keyEpoch          = []byte("epoch")
 	keySeq            = []byte("seq")
@@ -125,6 +128,7 @@ type Replica struct {
 	mu        sync.RWMutex
 	st        *state
 	prov      map[string]uint64 // device ID → newest provisional generation handed out
+	noticed   map[string]bool   // device IDs revoked by a notice to this relay (see Revoke)
 	epoch     string
 	seq       uint64
 	lastApply time.Time
@@ -155,7 +159,7 @@ func Open(cfg Config) (*Replica, error) {
 	// Admit's lone call waits this long for others to share its
 	// transaction: enough to gather a reconnect storm, little for one device.
 	db.MaxBatchDelay = 2 * time.Millisecond
-	r := &Replica{db: db, log: cfg.Logger, now: cfg.Now, prov: map[string]uint64{}}
+	r := &Replica{db: db, log: cfg.Logger, now: cfg.Now, prov: map[string]uint64{}, noticed: map[string]bool{}}
 	if err := r.load(); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("load %s: %w", cfg.Path, err)
@@ -168,7 +172,7 @@ func Open(cfg Config) (*Replica, error) {
 func (r *Replica) load() error {
 	var devices map[string]*device
 	err := r.db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketProvisional} {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketProvisional, bucketNoticed} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -193,8 +197,15 @@ func (r *Replica) load() error {
 		if err != nil {
 			return err
 		}
-		return tx.Bucket(bucketProvisional).ForEach(func(k, v []byte) error {
+		err = tx.Bucket(bucketProvisional).ForEach(func(k, v []byte) error {
 			r.prov[string(k)] = getUint64(v)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketNoticed).ForEach(func(k, _ []byte) error {
+			r.noticed[string(k)] = true
 			return nil
 		})
 	})
@@ -232,7 +243,44 @@ func (r *Replica) Device(id string) (controlplane.DeviceRecord, bool) {
 	if !ok {
 		return controlplane.DeviceRecord{}, false
 	}
-	return d.rec, true
+	rec, _ := r.withNotice(d.rec, controlplane.Lease{})
+	return rec, true
+}
+
+// withNotice marks rec (and its lease) revoked and offline if a notice
+// said so. Callers hold r.mu.
+func (r *Replica) withNotice(rec controlplane.DeviceRecord, lease controlplane.Lease) (controlplane.DeviceRecord, controlplane.Lease) {
+	if r.noticed[rec.ID] {
+		rec.Revoked, rec.Online, lease.Online = true, false, false
+	}
+	return rec, lease
+}
+
+// Revoke records a revocation notice to this relay: from now on, across
+// restarts, the device is revoked (Device, the lookups and Admit say so)
+// whatever the replica learns or has not learnt yet from the control
+// plane's events and snapshots. It is on disk when Revoke returns.
+// Revocations are final, so the notice is never dropped.
+func (r *Replica) Revoke(id string) error {
+	r.mu.RLock()
+	done := r.noticed[id]
+	r.mu.RUnlock()
+	if done {
+		return nil
+	}
+	err := r.db.Batch(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketNoticed).Put([]byte(id), putUint64(uint64(r.now().UnixMilli())))
+	})
+	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		err = ErrClosed
+	}
+	if err != nil {
+		return fmt.Errorf("record the revocation of device %s: %w", id, err)
+	}
+	r.mu.Lock()
+	r.noticed[id] = true
+	r.mu.Unlock()
+	return nil
 }
 
 // ByHostname finds the device holding the lease of a hostname label (the
@@ -243,14 +291,18 @@ func (r *Replica) Device(id string) (controlplane.DeviceRecord, bool) {
 func (r *Replica) ByHostname(label string) (controlplane.DeviceRecord, controlplane.Lease, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	return r.st.lookup(r.st.hosts[label], func(l *controlplane.Lease) bool { return l.Hostname == label })
+	rec, lease, ok := r.st.lookup(r.st.hosts[label], func(l *controlplane.Lease) bool { return l.Hostname == label })
+	rec, lease = r.withNotice(rec, lease)
+	return rec, lease, ok
 }
 
 // ByPort is ByHostname for a leased TCP port.
 func (r *Replica) ByPort(port uint16) (controlplane.DeviceRecord, controlplane.Lease, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	return r.st.lookup(r.st.ports[port], func(l *controlplane.Lease) bool { return l.Port == port })
+	rec, lease, ok := r.st.lookup(r.st.ports[port], func(l *controlplane.Lease) bool { return l.Port == port })
+	rec, lease = r.withNotice(rec, lease)
+	return rec, lease, ok
 }
 
 // Ports returns every leased TCP port of the cluster (revoked devices'
@@ -301,14 +353,16 @@ func (r *Replica) Admit(pub []byte) (controlplane.DeviceRecord, uint64, error) {
 	r.mu.RLock()
 	d := r.st.devices[r.st.byKey[string(pub)]]
 	var floor uint64
+	noticed := false
 	if d != nil {
 		floor = max(d.rec.Generation, r.prov[d.rec.ID])
+		noticed = r.noticed[d.rec.ID]
 	}
 	r.mu.RUnlock()
 	switch {
 	case d == nil:
 		return controlplane.DeviceRecord{}, 0, fmt.Errorf("admit device %s: %w", frames.DeviceID(pub), ErrUnknownKey)
-	case d.rec.Revoked:
+	case d.rec.Revoked || noticed:
 		return controlplane.DeviceRecord{}, 0, fmt.Errorf("admit device %s (%s): %w", d.rec.Name, d.rec.ID, ErrRevoked)
 	}
 	id := []byte(d.rec.ID)

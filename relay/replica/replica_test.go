@@ -621,6 +621,44 @@ func TestAdmit(t *testing.T) {
 	}
 }
 
+// TestRevokeNotice: a revocation notice holds before the control plane's
+// event arrives, across a reopen and across a snapshot that does not
+// know it yet.
+func TestRevokeNotice(t *testing.T) {
+	path := tempPath(t)
+	r := mustOpen(t, path)
+	snapshot(t, r, "e", 0, 10, dev("a", web("web-a")))
+	apply(t, r, events("e", 0, session("a", 5, "r1"))...)
+	if err := r.Revoke(id("a")); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		if _, _, err := r.Admit(key("a")); !errors.Is(err, ErrRevoked) {
+			t.Fatalf("%s: admit: %v", when, err)
+		}
+		if rec, ok := r.Device(id("a")); !ok || !rec.Revoked || rec.Online {
+			t.Fatalf("%s: device %+v %v", when, rec, ok)
+		}
+		if rec, lease, ok := r.ByHostname("web-a"); !ok || !rec.Revoked || lease.Online {
+			t.Fatalf("%s: by hostname %+v %+v %v", when, rec, lease, ok)
+		}
+	}
+	check("after the notice")
+	r.Close()
+	r = mustOpen(t, path)
+	check("after a reopen")
+	snapshot(t, r, "e2", 0, 10, dev("a", web("web-a")))
+	check("after a snapshot from before the revocation")
+	if err := r.Revoke(id("a")); err != nil {
+		t.Fatalf("a second notice: %v", err)
+	}
+	r.Close()
+	if err := r.Revoke(id("b")); !errors.Is(err, ErrClosed) {
+		t.Fatalf("revoke on a closed replica: %v", err)
+	}
+}
+
 func TestSecondOpenFailsFast(t *testing.T) {
 	path := tempPath(t)
 	mustOpen(t, path)
