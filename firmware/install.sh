@@ -32,6 +32,7 @@
 # TETHER_INSTALL_ROOT=DIR installs under DIR instead of / and changes
 # nothing on the host: no systemctl, no useradd (the user is written to
 # DIR/etc/passwd and DIR/etc/group). For tests and image builders.
+# TETHER_INSTALL_ARCH=ARCH overrides the detected architecture.
 set -eu
 
 # Filled in by the relay when it serves this script.

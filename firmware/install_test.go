@@ -1,0 +1,401 @@
+package firmware_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/pem"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/cross"
+	"github.com/tetherfleet/tether/firmware"
+	"github.com/tetherfleet/tether/firmware/release"
+)
+
+// hostArch is this machine's arch as manifests name it.
+func hostArch(t *testing.T) string {
+	t.Helper()
+	tg, err := cross.Host("tether-agent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tg.GOARCH == "arm" {
+		t.Skip("the install test runs on amd64, arm64 or riscv64")
+	}
+	return tg.Arch()
+}
+
+// releaseKey is a release signing key for a test.
+type releaseKey struct {
+	pub  string // RW...
+	sign func(manifest []byte) []byte
+}
+
+func newReleaseKey(t *testing.T) releaseKey {
+	t.Helper()
+	pubFile, privFile, err := release.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv, err := release.ReadPrivateKey(privFile, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(pubFile)), "\n")
+	return releaseKey{pub: lines[len(lines)-1], sign: func(m []byte) []byte {
+		sig, err := release.Sign(m, priv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sig
+	}}
+}
+
+// published is a release as the relay serves it.
+type published struct {
+	manifest, sig []byte
+	files         map[string][]byte
+}
+
+// makeRelease signs a manifest for binary on arch. tamper, if set, changes
+// the served binary after signing.
+func makeRelease(t *testing.T, key releaseKey, version, arch string, binary []byte, tamper bool) published {
+	t.Helper()
+	sum := sha256.Sum256(binary)
+	file := "tether-agent-linux-" + arch
+	m := release.Manifest{Version: version, CreatedAt: time.Now().UTC().Truncate(time.Second),
+		Artifacts: map[string]release.Artifact{arch: {File: file, SHA256: hex.EncodeToString(sum[:]), Size: int64(len(binary))}}}
+	mb, err := m.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := binary
+	if tamper {
+		served = bytes.Clone(binary)
+		served[len(served)/2] ^= 0x55
+	}
+	return published{manifest: mb, sig: key.sign(mb), files: map[string][]byte{file: served}}
+}
+
+// releaseServer serves install.sh and a release at the relay's paths over
+// TLS, and returns its URL and CA file.
+type releaseServer struct {
+	URL, CAFile string
+	mu          sync.Mutex
+	rel         published
+	script      []byte
+}
+
+func (s *releaseServer) publish(p published) { s.mu.Lock(); s.rel = p; s.mu.Unlock() }
+
+func startReleaseServer(t *testing.T, keys []string) *releaseServer {
+	t.Helper()
+	s := &releaseServer{}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		rel, script := s.rel, s.script
+		s.mu.Unlock()
+		var body []byte
+		switch p := r.URL.Path; {
+		case p == "/install.sh":
+			body = script
+		case p == "/_tether/release/manifest.json":
+			body = rel.manifest
+		case p == "/_tether/release/manifest.json.minisig":
+			body = rel.sig
+		case strings.HasPrefix(p, "/_tether/release/"):
+			body = rel.files[strings.TrimPrefix(p, "/_tether/release/")]
+		}
+		if body == nil {
+			http.Error(w, "no release", http.StatusNotFound)
+			return
+		}
+		w.Write(body)
+	}))
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	s.URL = srv.URL
+	s.script = firmware.InstallScript(srv.URL, keys)
+	s.CAFile = filepath.Join(t.TempDir(), "ca.pem")
+	writeFile(t, s.CAFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644)
+	return s
+}
+
+func writeFile(t *testing.T, path string, b []byte, mode fs.FileMode) {
+	t.Helper()
+	if err := os.WriteFile(path, b, mode); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pathWithout makes a PATH directory with every command of the host's
+// PATH except the ones named: to run the script where minisign (or
+// OpenSSL) is missing.
+func pathWithout(t *testing.T, missing ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range filepath.SplitList(os.Getenv("PATH")) {
+		ents, err := os.ReadDir(d)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			name := e.Name()
+			if strings.Contains(strings.Join(missing, " ")+" ", name+" ") {
+				continue
+			}
+			if _, err := os.Lstat(filepath.Join(dir, name)); err == nil {
+				continue // the first one on PATH wins
+			}
+			if err := os.Symlink(filepath.Join(d, name), filepath.Join(dir, name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return dir
+}
+
+// installer runs install.sh with a shell into a throwaway root.
+type installer struct {
+	t      *testing.T
+	shell  []string // e.g. {"dash"} or {"busybox", "sh"}
+	root   string
+	script string
+	path   string // PATH; empty: the host's
+}
+
+func (in installer) run(env []string, args ...string) (string, error) {
+	in.t.Helper()
+	ctx, cancel := context.WithTimeout(in.t.Context(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, in.shell[0], append(append(in.shell[1:], in.script), args...)...)
+	cmd.Env = append(os.Environ(), "TETHER_INSTALL_ROOT="+in.root)
+	if in.path != "" {
+		cmd.Env = append(cmd.Env, "PATH="+in.path)
+	}
+	cmd.Env = append(cmd.Env, env...)
+	out, err := cmd.CombinedOutput()
+	in.t.Logf("%s %s:\n%s", strings.Join(in.shell, " "), strings.Join(args, " "), out)
+	return string(out), err
+}
+
+func (in installer) file(path string) ([]byte, fs.FileMode) {
+	in.t.Helper()
+	p := filepath.Join(in.root, path)
+	b, err := os.ReadFile(p)
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	return b, st.Mode()
+}
+
+func (in installer) exists(path string) bool {
+	_, err := os.Lstat(filepath.Join(in.root, path))
+	return err == nil
+}
+
+// shells are the POSIX shells the script must run under.
+func shells(t *testing.T) map[string][]string {
+	t.Helper()
+	out := map[string][]string{}
+	if p, err := exec.LookPath("dash"); err == nil {
+		out["dash"] = []string{p}
+	}
+	if p, err := exec.LookPath("busybox"); err == nil {
+		out["busybox"] = []string{p, "sh"}
+	} else if os.Getenv("CI") == "true" {
+		t.Log("busybox is not installed: the script runs under dash only")
+	}
+	if len(out) == 0 {
+		out["sh"] = []string{"sh"}
+	}
+	return out
+}
+
+// TestInstallScriptLocal runs install.sh as a device would: fetched from
+// the server, run into a throwaway root, under each shell and with each
+// verifier; a tampered binary and a manifest signed by another key are
+// refused; a second run upgrades in place and keeps settings and
+// identity; --uninstall keeps the identity, --purge removes it.
+func TestInstallScriptLocal(t *testing.T) {
+	need(t, "openssl")
+	arch := hostArch(t)
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	bin1 := bytes.Repeat([]byte("agent v1\n"), 1000)
+	bin2 := bytes.Repeat([]byte("agent v2\n"), 1200)
+	scriptPath := filepath.Join(t.TempDir(), "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+
+	verifiers := map[string][]string{"openssl": {"minisign"}}
+	if _, err := exec.LookPath("minisign"); err == nil {
+		verifiers["minisign"] = nil
+	}
+	for shName, sh := range shells(t) {
+		for vName, missing := range verifiers {
+			t.Run(shName+"/"+vName, func(t *testing.T) {
+				in := installer{t: t, shell: sh, root: t.TempDir(), script: scriptPath}
+				if missing != nil {
+					in.path = pathWithout(t, missing...)
+				}
+				token := "tth_testtoken0123456789"
+				common := []string{"--relay-ca", srv.CAFile, "--wait", "0"}
+
+				// A binary that differs from the signed manifest is refused.
+				srv.publish(makeRelease(t, key, "v1.0.0", arch, bin1, true))
+				out, err := in.run(nil, append([]string{"--token", token, "--services", "web=http://127.0.0.1:8080"}, common...)...)
+				if err == nil || !strings.Contains(out, "does not match the signed manifest") {
+					t.Fatalf("tampered binary: err %v", err)
+				}
+				if in.exists("opt/tether-agent/tether-agent") {
+					t.Fatal("tampered binary installed")
+				}
+				// A manifest signed by another key is refused.
+				srv.publish(makeRelease(t, newReleaseKey(t), "v1.0.0", arch, bin1, false))
+				out, err = in.run(nil, append([]string{"--token", token, "--services", "web=http://127.0.0.1:8080"}, common...)...)
+				if err == nil || !strings.Contains(out, "signature does not verify") {
+					t.Fatalf("foreign key: err %v", err)
+				}
+
+				// Installed, from the environment.
+				srv.publish(makeRelease(t, key, "v1.0.0", arch, bin1, false))
+				if _, err := in.run([]string{"TETHER_ENROLL_TOKEN=" + token, "TETHER_SERVICES=web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22", "TETHER_DEVICE_NAME=pi01"}, common...); err != nil {
+					t.Fatal(err)
+				}
+				checkInstalled(t, in, bin1, key.pub, srv, "web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22", "pi01")
+				tok, mode := in.file(firmware.TokenFilePath)
+				if string(tok) != token+"\n" || mode.Perm() != 0o600 {
+					t.Errorf("token file %q mode %v", tok, mode)
+				}
+
+				// The identity and the settings survive an upgrade.
+				writeFile(t, filepath.Join(in.root, firmware.StateDir, "device.key"), []byte("key"), 0o600)
+				srv.publish(makeRelease(t, key, "v2.0.0", arch, bin2, false))
+				if _, err := in.run(nil, common...); err != nil {
+					t.Fatal(err)
+				}
+				checkInstalled(t, in, bin2, key.pub, srv, "web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22", "pi01")
+				passwd, _ := in.file("etc/passwd")
+				if n := strings.Count(string(passwd), "tether:"); n != 1 {
+					t.Errorf("%d tether users in etc/passwd:\n%s", n, passwd)
+				}
+
+				if _, err := in.run(nil, "--uninstall"); err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range []string{firmware.BinaryPath, firmware.EnvFilePath, "etc/systemd/system/" + firmware.UnitName, firmware.TokenFilePath} {
+					if in.exists(p) {
+						t.Errorf("%s remains after --uninstall", p)
+					}
+				}
+				if !in.exists(firmware.StateDir + "/device.key") {
+					t.Error("--uninstall removed the identity")
+				}
+				if _, err := in.run(nil, "--uninstall", "--purge"); err != nil {
+					t.Fatal(err)
+				}
+				if in.exists(firmware.StateDir) {
+					t.Error("--purge kept the state dir")
+				}
+			})
+		}
+	}
+}
+
+// TestInstallScriptWithoutVerifier fails closed: with neither minisign
+// nor OpenSSL the script refuses to install and says what to install.
+func TestInstallScriptWithoutVerifier(t *testing.T) {
+	arch := hostArch(t)
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	srv.publish(makeRelease(t, key, "v1.0.0", arch, []byte("agent"), false))
+	scriptPath := filepath.Join(t.TempDir(), "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+	in := installer{t: t, shell: []string{"sh"}, root: t.TempDir(), script: scriptPath, path: pathWithout(t, "minisign", "openssl")}
+	out, err := in.run(nil, "--token", "tth_x", "--services", "web=http://127.0.0.1:80", "--relay-ca", srv.CAFile, "--wait", "0")
+	if err == nil || !strings.Contains(out, "install minisign") {
+		t.Fatalf("err %v", err)
+	}
+	if in.exists(firmware.BinaryPath) {
+		t.Fatal("installed without verifying")
+	}
+}
+
+func checkInstalled(t *testing.T, in installer, bin []byte, key string, srv *releaseServer, services, name string) {
+	t.Helper()
+	b, mode := in.file(firmware.BinaryPath)
+	if !bytes.Equal(b, bin) || mode.Perm() != 0o755 {
+		t.Errorf("binary: %d bytes, mode %v", len(b), mode)
+	}
+	env, mode := in.file(firmware.EnvFilePath)
+	if mode.Perm() != 0o600 {
+		t.Errorf("env file mode %v", mode)
+	}
+	for _, want := range []string{
+		"TETHER_RELAY_URL=wss://" + strings.TrimPrefix(srv.URL, "https://") + "\n",
+		"TETHER_SERVICES=" + services + "\n",
+		"TETHER_DEVICE_NAME=" + name + "\n",
+		"TETHER_RELEASE_KEYS=" + key + "\n",
+		"TETHER_ENROLL_TOKEN_FILE=" + firmware.TokenFilePath + "\n",
+		"TETHER_RELAY_CA=/etc/tether/relay-ca.pem\n",
+	} {
+		if !strings.Contains(string(env), want) {
+			t.Errorf("env file lacks %q:\n%s", want, env)
+		}
+	}
+	unit, mode := in.file("etc/systemd/system/" + firmware.UnitName)
+	if !bytes.Equal(unit, firmware.Unit()) || mode.Perm() != 0o644 {
+		t.Errorf("unit differs from firmware.Unit() or mode %v:\n%s", mode, unit)
+	}
+	passwd, _ := in.file("etc/passwd")
+	if !strings.Contains(string(passwd), "tether:x:") || !strings.Contains(string(passwd), ":/var/lib/tether-agent:/usr/sbin/nologin") {
+		t.Errorf("etc/passwd:\n%s", passwd)
+	}
+	st, err := os.Stat(filepath.Join(in.root, firmware.StateDir))
+	if err != nil || st.Mode().Perm() != 0o700 {
+		t.Errorf("state dir: %v %v", st, err)
+	}
+}
+
+// TestInstallScriptArch detects the architecture from uname -m (a stand-in
+// uname on PATH); the stand-in release has no binaries, so the script
+// names the arch it looked for, or refuses a CPU without a build.
+func TestInstallScriptArch(t *testing.T) {
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	srv.publish(makeRelease(t, key, "v1.0.0", "none", []byte("agent"), false))
+	scriptPath := filepath.Join(t.TempDir(), "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+	path := pathWithout(t, "uname")
+	for machine, want := range map[string]string{
+		"x86_64":  "no agent for amd64",
+		"aarch64": "no agent for arm64",
+		"armv6l":  "no agent for armv6",
+		"riscv64": "no agent for riscv64",
+		"mipsel":  "no agent for mipsle",
+		"sparc64": "no Tether agent for this CPU (sparc64)",
+	} {
+		t.Run(machine, func(t *testing.T) {
+			writeFile(t, filepath.Join(path, "uname"), []byte("#!/bin/sh\necho "+machine+"\n"), 0o755)
+			in := installer{t: t, shell: []string{"sh"}, root: t.TempDir(), script: scriptPath, path: path}
+			out, err := in.run(nil, "--token", "tth_x", "--services", "web=http://127.0.0.1:80", "--relay-ca", srv.CAFile, "--wait", "0")
+			if err == nil || !strings.Contains(out, want) {
+				t.Fatalf("err %v, want %q", err, want)
+			}
+		})
+	}
+}
