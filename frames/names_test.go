@@ -13,11 +13,17 @@ func TestNames(t *testing.T) {
 	}{
 		{"pi01", true, true},
 		{"a", true, true},
-		{"lab-cam", true, true},
+		{"lab-cam", true, false},
+		{"xn--80ak6aa92e", false, false},
+		{"xnfoo", true, true},
+		{"www", false, true},
+		{"admin", false, true},
+		{"relay", false, true},
 		{"0", true, true},
 		{"", false, false},
 		{"-pi", false, false},
 		{"pi-", false, false},
+		{"web-lab", true, false},
 		{"Pi01", false, false},
 		{"pi_01", false, false},
 		{"pi.01", false, false},
@@ -32,6 +38,14 @@ func TestNames(t *testing.T) {
 		}
 		if err := ValidServiceName(tc.name); (err == nil) != tc.svc || err != nil && !errors.Is(err, ErrBadName) {
 			t.Errorf("ValidServiceName(%q) = %v, want ok=%v", tc.name, err, tc.svc)
+		}
+	}
+}
+
+func TestLegacyServiceName(t *testing.T) {
+	for name, want := range map[string]bool{"web-lab": true, "web": false, "xn--web": false, "-web": false, "a-b-c": true} {
+		if got := LegacyServiceName(name); got != want {
+			t.Errorf("LegacyServiceName(%q) = %v, want %v", name, got, want)
 		}
 	}
 }

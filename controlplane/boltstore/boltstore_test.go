@@ -16,6 +16,7 @@ import (
 
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
+	bolt "go.etcd.io/bbolt"
 )
 
 // clock is a settable test clock.
@@ -141,16 +142,23 @@ func TestLeasesStickyAndUnique(t *testing.T) {
 	if la[0].Hostname != "web-pi01" || lb[0].Hostname != "web-pi02" || la[1].Port != 20000 || lb[1].Port != 20001 {
 		t.Fatalf("leases: %+v %+v", la, lb)
 	}
-	// A hostname label that collides with an existing one gets a suffix.
+	// SERVICE-DEVICE parses one way only: device x cannot name a service
+	// web-pi01 to take web-pi01-x, device pi01-x's.
 	kc := enrolled(t, s, "pi01-x")
 	_, lc := connectRegister(t, s, kc, web)
 	kd := enrolled(t, s, "x")
-	_, ld := connectRegister(t, s, kd, controlplane.Service{Name: "web-pi01", Proto: "http"})
-	if lc[0].Hostname != "web-pi01-x" || ld[0].Hostname != "web-pi01-x-2" {
-		t.Fatalf("colliding labels: %q and %q", lc[0].Hostname, ld[0].Hostname)
+	cd, err := s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: kd, RelayID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: cd.DeviceID, Generation: cd.Generation,
+		Services: []controlplane.Service{{Name: "web-pi01", Proto: "http"}}})
+	wantKind(t, err, controlplane.KindInvalid)
+	if lc[0].Hostname != "web-pi01-x" || !strings.Contains(err.Error(), "no '-'") {
+		t.Fatalf("label %q; squat: %v", lc[0].Hostname, err)
 	}
 	// Port range exhausted: a clear error.
-	_, err := s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: lc[0].DeviceID, Generation: 1,
+	_, err = s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: lc[0].DeviceID, Generation: 1,
 		Services: []controlplane.Service{{Name: "a", Proto: "tcp"}, {Name: "b", Proto: "tcp"}}})
 	wantKind(t, err, controlplane.KindConflict)
 
@@ -168,9 +176,39 @@ func TestLeasesStickyAndUnique(t *testing.T) {
 	_, err = s.Lookup(t.Context(), controlplane.LookupRequest{Hostname: "nope"})
 	wantKind(t, err, controlplane.KindNotFound)
 	all, _ := s.Leases(t.Context())
-	if len(all) != 6 {
+	if len(all) != 5 {
 		t.Fatalf("got %d leases", len(all))
 	}
+}
+
+// TestLegacyServiceNameKeepsItsLease: a service name with '-' that holds
+// a lease from an older release keeps it; a new one is refused.
+func TestLegacyServiceNameKeepsItsLease(t *testing.T) {
+	s := mustOpen(t, filepath.Join(t.TempDir(), "cp.db"), newClock())
+	k := enrolled(t, s, "pi01")
+	cr, _ := connectRegister(t, s, k)
+	old := controlplane.Lease{Hostname: "my-web-pi01", DeviceID: cr.DeviceID, DeviceName: "pi01", Service: "my-web", Proto: "http"}
+	err := s.db.Update(func(tx *bolt.Tx) error { // as an older release wrote it
+		key := []byte(cr.DeviceID + "/my-web")
+		if err := tx.Bucket(bucketHostnames).Put([]byte(old.Hostname), key); err != nil {
+			return err
+		}
+		return putJSON(tx.Bucket(bucketLeases), key, old)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ls := connectRegister(t, s, k, controlplane.Service{Name: "my-web", Proto: "http"}, controlplane.Service{Name: "web", Proto: "http"})
+	if ls[0].Hostname != "my-web-pi01" || ls[1].Hostname != "web-pi01" {
+		t.Fatalf("leases after the upgrade: %+v", ls)
+	}
+	cr, err = s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: k, RelayID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: cr.DeviceID, Generation: cr.Generation,
+		Services: []controlplane.Service{{Name: "my-web", Proto: "http"}, {Name: "new-one", Proto: "http"}}})
+	wantKind(t, err, controlplane.KindInvalid)
 }
 
 func TestSessionsGenerationsAndRevoke(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/frames"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -17,9 +18,13 @@ import (
 // returns a lease for each: the same names as before where it had them.
 func (s *Store) Register(ctx context.Context, req controlplane.RegisterRequest) ([]controlplane.Lease, error) {
 	seen := map[string]bool{}
+	var legacy []controlplane.Service
 	for _, svc := range req.Services {
 		if err := controlplane.ValidService(svc); err != nil {
-			return nil, err
+			if !frames.LegacyServiceName(svc.Name) {
+				return nil, err
+			}
+			legacy = append(legacy, svc) // kept only if it holds its lease already
 		}
 		if seen[svc.Name] {
 			return nil, controlplane.Errorf(controlplane.KindInvalid, "service %s is registered twice", svc.Name)
@@ -33,6 +38,14 @@ func (s *Store) Register(ctx context.Context, req controlplane.RegisterRequest) 
 		d, err := s.sessionDevice(tx, req.DeviceID, req.Generation)
 		if err != nil {
 			return err
+		}
+		for _, svc := range legacy {
+			var l controlplane.Lease
+			if ok, err := getJSON(tx.Bucket(bucketLeases), []byte(d.ID+"/"+svc.Name), &l); err != nil {
+				return err
+			} else if !ok || l.Proto != svc.Proto {
+				return controlplane.ValidService(svc) // a new name of the old grammar: refused
+			}
 		}
 		for _, svc := range req.Services {
 			l, err := s.lease(tx, d, svc, now)
