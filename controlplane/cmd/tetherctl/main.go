@@ -36,7 +36,9 @@ Commands:
   leases [--json]                                         list leases (hostname or port, device, service, relay, online)
   relays [--json]                                         list the live relays
   revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect
-                                                          (exit status 2: not yet confirmed by every live relay)`
+                                                          (exit status 2: not yet confirmed by every live relay)
+  provision --token T --relay URL --services LIST [--name N] [--boot DIR]
+                                                          write tether.env for a device's SD card (no control plane needed)`
 
 type spec struct {
 	AdminURL       string `split_words:"true" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
@@ -89,6 +91,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	for _, u := range unknown {
 		fmt.Fprintln(stderr, "tetherctl: warning:", u)
+	}
+	if args[0] == "provision" {
+		return provisionCmd(args[1:], stdout, stderr)
 	}
 	if s.AdminTokenFile == "" {
 		s.AdminTokenFile = filepath.Join(s.DataDir, "admin-token")
