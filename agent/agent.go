@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tetherfleet/tether/agent/update"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/splice"
 	"github.com/tetherfleet/tether/frames/wsmux"
@@ -41,6 +42,14 @@ type Agent struct {
 	active atomic.Int32  // data streams open now
 	total  atomic.Uint64 // data streams served
 	wg     sync.WaitGroup
+
+	// Updates (update.go).
+	cur         atomic.Pointer[conn] // the session being served, for downloads and reports
+	updating    atomic.Bool          // an update is being downloaded or swapped in
+	appliedSent atomic.Bool          // this new version said it was applied
+	healthy     chan struct{}        // closed once a pending new version is healthy
+	healthyOnce sync.Once
+	restart     context.CancelCauseFunc // ends Run with update.ErrRestart
 }
 
 // New validates cfg and returns an agent.
@@ -48,7 +57,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, services: map[string]Service{}}
+	a := &Agent{cfg: cfg, log: cfg.Logger, services: map[string]Service{}, healthy: make(chan struct{})}
 	for _, s := range cfg.Services {
 		a.services[s.Name] = s
 	}
@@ -57,10 +66,18 @@ func New(cfg Config) (*Agent, error) {
 
 // Run enrolls the device if needed, then keeps a session to a relay until
 // ctx ends (returning nil) or the device is refused for good (ErrRevoked,
-// ErrUnauthorized, *EnrollError, ErrNotEnrolled). Network failures, also at
+// ErrUnauthorized, *EnrollError, ErrNotEnrolled) or its binary was replaced
+// (update.ErrRestart: the caller re-executes it). Network failures, also at
 // boot before the network is up, are retried for ever with backoff.
-func (a *Agent) Run(ctx context.Context) error {
-	defer a.wg.Wait()
+func (a *Agent) Run(ctx context.Context) (err error) {
+	ctx, a.restart = context.WithCancelCause(ctx)
+	defer func() {
+		a.wg.Wait()
+		if cause := context.Cause(ctx); errors.Is(cause, update.ErrRestart) {
+			err = cause
+		}
+	}()
+	a.watch(ctx)
 	for _, u := range a.cfg.RelayURLs {
 		if strings.HasPrefix(u, "ws://") {
 			a.log.Warn("INSECURE: relay URL without TLS; the enrollment token and the session travel in cleartext (TETHER_INSECURE)", "relay", u)
@@ -266,12 +283,15 @@ func (c *conn) serve(ctx context.Context) error {
 	a := c.a
 	stop := context.AfterFunc(ctx, c.close)
 	defer stop()
+	a.cur.Store(c)
+	defer a.cur.CompareAndSwap(c, nil)
+	a.sessionUp()
 	a.wg.Go(c.acceptStreams)
 	hbDone := make(chan struct{})
 	defer close(hbDone)
 	a.wg.Go(func() { c.heartbeats(hbDone) })
 	interval := a.cfg.HeartbeatInterval
-	for {
+	for acks := 0; ; {
 		c.ctrl.SetReadDeadline(time.Now().Add(3 * interval))
 		m, err := frames.Read(c.ctrl, 0)
 		if err != nil {
@@ -282,7 +302,12 @@ func (c *conn) serve(ctx context.Context) error {
 			return fmt.Errorf("control stream: %w", err)
 		}
 		switch m := m.(type) {
-		case *frames.HeartbeatAck, *frames.Unknown:
+		case *frames.HeartbeatAck:
+			acks++
+			a.acked(acks)
+		case *frames.UpdateOffer:
+			a.offer(ctx, m)
+		case *frames.Unknown:
 		case *frames.Leases:
 			if a.cfg.OnLeases != nil {
 				a.cfg.OnLeases(m.Leases)

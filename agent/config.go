@@ -17,6 +17,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tetherfleet/tether/agent/update"
+	"github.com/tetherfleet/tether/firmware/release"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/wsmux"
 )
@@ -48,8 +50,22 @@ type Config struct {
 	MaxStreams int
 	// DialTimeout bounds dialling a local service. Zero means 5s.
 	DialTimeout time.Duration
-	// Version is reported to the relay.
+	// Version is reported to the relay, and the version updates start
+	// from (a development build, not vMAJOR.MINOR.PATCH, takes none).
 	Version string
+	// Updater swaps in the releases the relay offers and rolls back a
+	// new version that does not become healthy (after healthyAfter
+	// heartbeat acknowledgements). Nil means every offer is refused.
+	Updater *update.Updater
+	// ReleaseKeys verify offered releases. Empty means every offer is
+	// refused.
+	ReleaseKeys release.Keys
+	// UpdateRate caps an update's download, in bytes a second. Zero means
+	// 1 MiB/s.
+	UpdateRate int
+	// Arch is this binary's architecture as release manifests name it.
+	// Empty means Arch().
+	Arch string
 	// Mux tunes the smux session.
 	Mux wsmux.Config
 	// DialContext opens TCP connections to relays and proxies. Nil means a
@@ -185,6 +201,15 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxStreams <= 0 {
 		c.MaxStreams = 1024
+	}
+	if c.UpdateRate <= 0 {
+		c.UpdateRate = 1 << 20
+	}
+	if c.UpdateRate < 1024 {
+		return fmt.Errorf("agent: update rate %d bytes/s is below 1024", c.UpdateRate)
+	}
+	if c.Arch == "" {
+		c.Arch = Arch()
 	}
 	if c.DialTimeout <= 0 {
 		c.DialTimeout = 5 * time.Second

@@ -5,6 +5,10 @@
 // 3 when the device was revoked; 4 when enrollment was refused or the device
 // is not enrolled. A supervisor should not restart it on 3 or 4
 // (systemd: RestartPreventExitStatus=3 4).
+//
+// `tether-agent preflight` is the update rollback check systemd runs from
+// the previous binary before each start (ExecStartPre=-NAME.prev
+// preflight): see package agent/update.
 package main
 
 import (
@@ -23,11 +27,19 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/agent"
+	"github.com/tetherfleet/tether/agent/update"
+	"github.com/tetherfleet/tether/firmware/release"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/cli"
 )
 
 var version = "dev"
+
+// crashAtStart is a test-only build knob (-ldflags "-X
+// main.crashAtStart=yes"): the binary exits 1 at once, as a release that
+// cannot even start would. The update tests build one to watch it roll
+// back. Never set in a release.
+var crashAtStart string
 
 const about = `tether-agent: publishes this device's local services through a Tether relay over one
 outbound wss:// connection. First start: set TETHER_ENROLL_TOKEN; the device key is made here and
@@ -45,7 +57,21 @@ type spec struct {
 	Insecure          bool          `split_words:"true" desc:"allow ws:// relay URLs (no TLS; the enrollment token travels in cleartext): closed test networks only"`
 	LogFormat         string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
 	LogLevel          string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	ReleaseKeys       string        `split_words:"true" desc:"minisign public keys (RW..., comma-separated) that agent releases must be signed with; empty: every update is refused"`
+	UpdateDeadline    time.Duration `split_words:"true" default:"2m" desc:"a new agent version must connect and pass its first heartbeats within this time of the swap, else the previous binary comes back"`
+	UpdateRate        int           `split_words:"true" default:"1048576" desc:"most bytes per second an update download takes"`
 }
+
+// preflightSpec is the settings of tether-agent preflight.
+type preflightSpec struct {
+	StateDir  string `split_words:"true" desc:"where update.json is; empty: as tether-agent"`
+	LogFormat string `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel  string `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+}
+
+const aboutPreflight = `tether-agent preflight: the update rollback check systemd runs from the previous binary
+(tether-agent.prev) before each start of the agent. With an update pending, it counts the start and
+puts the previous binary back past 3 starts, or past the deadline, without the new version healthy.`
 
 // Exit statuses.
 const (
@@ -55,6 +81,10 @@ const (
 )
 
 func main() {
+	if crashAtStart != "" {
+		fmt.Fprintln(os.Stderr, "tether-agent: built to crash at start (test build)")
+		os.Exit(1)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Stdout)
@@ -74,6 +104,9 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) > 0 && args[0] == "preflight" {
+		return preflight(args[1:], stdout)
+	}
 	var s spec
 	unknown, err := cli.Parse("tether-agent", version, about, &s, args, stdout)
 	if err != nil {
@@ -106,6 +139,22 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if s.StateDir == "" {
 		s.StateDir = defaultStateDir()
 	}
+	keys, err := release.ParseKeys(strings.Split(s.ReleaseKeys, ","))
+	if err != nil {
+		return fmt.Errorf("TETHER_RELEASE_KEYS: %w", err)
+	}
+	upd, err := update.New(update.Config{StateDir: s.StateDir, Version: version, Deadline: s.UpdateDeadline,
+		Hook: testPause(os.Getenv(testPauseEnv)), Logger: log})
+	if err != nil {
+		return err
+	}
+	// A new version that keeps failing, or a rollback a power cut
+	// interrupted: the previous binary is put back and run.
+	if err := upd.Startup(); errors.Is(err, update.ErrRestart) {
+		return update.Exec(upd.Binary())
+	} else if err != nil {
+		log.Warn("agent update state", "err", err)
+	}
 	a, err := agent.New(agent.Config{
 		RelayURLs:         strings.Split(s.RelayURL, ","),
 		EnrollToken:       token,
@@ -118,15 +167,48 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		// Each time the relay assigns names the session is up: give the
 		// memory of the TLS handshake and enrollment back to the OS, so an
 		// idle agent stays small on a Pi Zero.
-		OnLeases: func([]frames.Lease) { debug.FreeOSMemory() },
-		Insecure: s.Insecure,
-		Version:  version,
-		Logger:   log,
+		OnLeases:    func([]frames.Lease) { debug.FreeOSMemory() },
+		Insecure:    s.Insecure,
+		Version:     version,
+		Updater:     upd,
+		ReleaseKeys: keys,
+		UpdateRate:  s.UpdateRate,
+		Logger:      log,
 	})
 	if err != nil {
 		return err
 	}
-	return a.Run(ctx)
+	err = a.Run(ctx)
+	if errors.Is(err, update.ErrRestart) {
+		log.Info("restarting into the agent binary", "path", upd.Binary())
+		return update.Exec(upd.Binary())
+	}
+	return err
+}
+
+// preflight runs update.Preflight for the binary this one is the .prev of.
+func preflight(args []string, stdout io.Writer) error {
+	var s preflightSpec
+	unknown, err := cli.Parse("tether-agent preflight", version, aboutPreflight, &s, args, stdout)
+	if err != nil {
+		return err
+	}
+	log, err := cli.Logger(os.Stderr, s.LogFormat, s.LogLevel)
+	if err != nil {
+		return err
+	}
+	cli.WarnUnknown(log, unknown)
+	if s.StateDir == "" {
+		s.StateDir = defaultStateDir()
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("preflight: %w", err)
+	}
+	if exe, err = filepath.EvalSymlinks(exe); err != nil {
+		return fmt.Errorf("preflight: %w", err)
+	}
+	return update.Preflight(strings.TrimSuffix(exe, ".prev"), s.StateDir, 0, log)
 }
 
 func defaultStateDir() string {

@@ -8,7 +8,9 @@ import (
 
 // TestSpecNames holds --help's variable names to envconfig's own naming.
 func TestSpecNames(t *testing.T) {
-	if err := cli.CheckNames(&spec{}); err != nil {
-		t.Fatal(err)
+	for _, s := range []any{&spec{}, &preflightSpec{}} {
+		if err := cli.CheckNames(s); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
