@@ -10,5 +10,5 @@ import (
 // the WebSocket upgrade, so that tests can drive a session over net.Pipe
 // in a synctest bubble.
 func (s *Server) RunSession(ctx context.Context, mux *smux.Session, remote string) {
-	s.runSession(ctx, mux, remote)
+	s.runSession(ctx, mux, remote, func() {})
 }

@@ -91,6 +91,10 @@ type Config struct {
 	MaxIdleStreams int
 	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
 	HandshakeTimeout time.Duration
+	// MaxHandshakes caps the agent handshakes in progress at once (before
+	// the key is verified); more wait briefly, then get 503 (admission.go).
+	// Zero means 256.
+	MaxHandshakes int
 	// DrainWindow is the time over which Shutdown spreads drain notices.
 	// Zero means 5s.
 	DrainWindow time.Duration
@@ -133,6 +137,7 @@ type Server struct {
 	peer    *peer.Transport // nil without a peer certificate
 	metrics *metrics
 	reg     *registry
+	gate    *gate // agent handshakes in progress (admission.go)
 	tcp     *tcpListeners
 
 	ctx    context.Context // ends at Shutdown's end; bounds sessions and loops
@@ -191,6 +196,7 @@ func New(cfg Config) (*Server, error) {
 	cfg.MaxStreamsPerSession = cmp.Or(cfg.MaxStreamsPerSession, 1024)
 	cfg.MaxIdleStreams = cmp.Or(cfg.MaxIdleStreams, 256)
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
+	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 256)
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
 	cfg.HelloInterval = cmp.Or(cfg.HelloInterval, controlplane.HelloInterval)
 	log := cfg.Logger
@@ -199,7 +205,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
 		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
-		forwarders: map[string]*serviceProxy{}}
+		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes)}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {
 		return nil, err

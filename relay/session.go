@@ -132,19 +132,25 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer done()
+	release, ok := s.admitHandshake(w, r)
+	if !ok {
+		return
+	}
+	defer release()
 	mux, err := wsserver.Accept(w, r, s.cfg.Mux)
 	if err != nil {
 		s.metrics.handshakes.WithLabelValues("protocol").Inc()
 		s.log.Info("agent upgrade refused", "remote", r.RemoteAddr, "err", err)
 		return
 	}
-	s.runSession(r.Context(), mux, r.RemoteAddr)
+	s.runSession(r.Context(), mux, r.RemoteAddr, release)
 }
 
 // runSession serves one agent's smux session until it ends: handshake,
 // routing, control loop, goodbye. ctx bounds the handshake's requests to
 // the control plane; the relay's own shutdown closes the session.
-func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote string) {
+// endHandshake is called once the handshake is over, either way.
+func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote string, endHandshake func()) {
 	sess := &session{
 		srv: s, mux: mux, remote: remote, log: s.log.With("remote", remote),
 		out:     make(chan outFrame, controlQueueLen),
@@ -156,6 +162,7 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 	defer stop()
 
 	leases, err := sess.handshake(ctx)
+	endHandshake()
 	if err != nil {
 		sess.releaseSync()
 		s.metrics.handshakes.WithLabelValues(handshakeResult(err)).Inc()
@@ -166,6 +173,7 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 		sess.end(err)
 		return
 	}
+	s.cfg.Mux.Trust(mux) // the key is verified: the session gets its whole window
 	s.metrics.handshakes.WithLabelValues("ok").Inc()
 	s.metrics.sessions.Inc()
 	// Routable before the agent learns its names: a request made the moment

@@ -37,6 +37,11 @@ type Config struct {
 	// SessionWindow bounds the bytes buffered for all streams of a session.
 	// Zero means 4 MiB.
 	SessionWindow int
+	// PreAuthWindow bounds the bytes a server session buffers before Trust
+	// is called on it (its peer authenticated): an unauthenticated client
+	// can make the relay hold no more than this and one frame. Zero means
+	// 16 KiB.
+	PreAuthWindow int
 }
 
 // Smux returns the smux configuration both peers use.
@@ -49,6 +54,23 @@ func (c Config) Smux() *smux.Config {
 	sc.MaxReceiveBuffer = cmp.Or(max(c.SessionWindow, 0), 4<<20)
 	return sc
 }
+
+// ServerSmux is Smux for the accepting side: the session starts with the
+// PreAuthWindow until Trust.
+func (c Config) ServerSmux() *smux.Config {
+	sc := c.Smux()
+	sc.InitialReceiveBuffer = min(c.preAuthWindow(), sc.MaxReceiveBuffer)
+	return sc
+}
+
+// Trust gives a server session started with ServerSmux its whole
+// SessionWindow, once its peer authenticated.
+func (c Config) Trust(s *smux.Session) {
+	sc := c.Smux()
+	s.GrowReceiveBuffer(sc.MaxReceiveBuffer - min(c.preAuthWindow(), sc.MaxReceiveBuffer))
+}
+
+func (c Config) preAuthWindow() int { return cmp.Or(max(c.PreAuthWindow, 0), 16<<10) }
 
 // Verify checks the configuration once, at startup.
 func (c Config) Verify() error {

@@ -34,7 +34,7 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 		return nil, fmt.Errorf("websocket accept: %w", err)
 	}
 	nc := wsmux.NetConn(r.Context(), c, true)
-	s, err := smux.Server(nc, mux.Smux())
+	s, err := smux.Server(nc, mux.ServerSmux()) // small window until the relay calls mux.Trust
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("start smux server: %w", err)

@@ -56,6 +56,12 @@ type Config struct {
 	// MaxStreamBuffer is used to control the maximum
 	// number of data per stream
 	MaxStreamBuffer int
+
+	// InitialReceiveBuffer, when positive and below MaxReceiveBuffer, is
+	// the receive buffer a session starts with; GrowReceiveBuffer raises
+	// it later (Tether patch 7: a relay buffers little for a peer that has
+	// not authenticated yet).
+	InitialReceiveBuffer int
 }
 
 // DefaultConfig is used to return a default configuration

@@ -134,6 +134,9 @@ func newSession(config *Config, conn io.ReadWriteCloser, client bool) *Session {
 	s.streams = make(map[uint32]*stream)
 	s.chAccepts = make(chan *stream, defaultAcceptBacklog)
 	s.bucket = int32(config.MaxReceiveBuffer)
+	if config.InitialReceiveBuffer > 0 && config.InitialReceiveBuffer < config.MaxReceiveBuffer {
+		s.bucket = int32(config.InitialReceiveBuffer)
+	}
 	s.bucketNotify = make(chan struct{}, 1)
 	s.shaper = make(chan writeRequest, maxShaperSize)
 	s.chSocketReadError = make(chan struct{})
@@ -285,6 +288,17 @@ func (s *Session) Close() error {
 // session is closed
 func (s *Session) CloseChan() <-chan struct{} {
 	return s.die
+}
+
+// GrowReceiveBuffer adds n bytes to the session's receive buffer, up to
+// what MaxReceiveBuffer allows beyond InitialReceiveBuffer (Tether patch 7).
+func (s *Session) GrowReceiveBuffer(n int) {
+	if n <= 0 {
+		return
+	}
+	if atomic.AddInt32(&s.bucket, int32(n)) > 0 {
+		s.notifyBucket()
+	}
 }
 
 // notifyBucket notifies recvLoop that bucket is available
