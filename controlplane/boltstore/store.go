@@ -35,7 +35,11 @@ var (
 	bucketPorts     = []byte("ports")     // big-endian port → lease key
 	bucketMeta      = []byte("meta")      // "schema" → version
 	bucketReserved  = []byte("reserved")  // hostname label → ID of the relay whose own name it is
-	allBuckets      = [][]byte{bucketDevices, bucketNames, bucketTokens, bucketLeases, bucketHostnames, bucketPorts, bucketMeta, bucketReserved}
+	bucketReleases  = []byte("releases")  // version → ReleaseRecord JSON (releases.go)
+	bucketRollouts  = []byte("rollouts")  // "current" → Rollout JSON
+	bucketUpdates   = []byte("updates")   // version NUL device ID → UpdateReport JSON
+	allBuckets      = [][]byte{bucketDevices, bucketNames, bucketTokens, bucketLeases, bucketHostnames, bucketPorts, bucketMeta, bucketReserved,
+		bucketReleases, bucketRollouts, bucketUpdates}
 )
 
 const schemaVersion = "1"

@@ -18,6 +18,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/natsembed"
 	"github.com/tetherfleet/tether/controlplane/natsperm"
+	"github.com/tetherfleet/tether/firmware/release"
 	"github.com/tetherfleet/tether/frames"
 )
 
@@ -27,6 +28,9 @@ type Options struct {
 	// instead of one in-process server; the control plane connects to the
 	// first.
 	Cluster bool
+	// ReleaseKeys are the release keys the control plane trusts
+	// (releases.go: NewReleaseKey).
+	ReleaseKeys release.Keys
 	// Daemon is applied to the control plane's config before it starts.
 	Daemon func(*daemon.Config)
 	// Logger; nil logs to the test's output.
@@ -66,6 +70,7 @@ func Start(t testing.TB, opts Options) *Env {
 	}
 	e.CPConn = e.Connect(natsperm.ControlPlane, 0, "controlplane")
 	cfg := daemon.Config{DataDir: e.DataDir, Domain: "localhost", CertDomains: []string{"localhost"}, ClaimWait: 50 * time.Millisecond, Logger: e.Logger.With("component", "controlplane")}
+	cfg.ReleaseKeys = opts.ReleaseKeys
 	if opts.Daemon != nil {
 		opts.Daemon(&cfg)
 	}

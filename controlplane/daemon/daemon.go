@@ -24,6 +24,8 @@ import (
 	"github.com/tetherfleet/tether/controlplane/clusterca"
 	"github.com/tetherfleet/tether/controlplane/httpapi"
 	"github.com/tetherfleet/tether/controlplane/natsapi"
+	"github.com/tetherfleet/tether/controlplane/rollout"
+	"github.com/tetherfleet/tether/firmware/release"
 )
 
 // Config configures a control plane.
@@ -56,6 +58,9 @@ type Config struct {
 	// RevokeTimeout bounds the wait for each relay's confirmation of a
 	// revocation. Zero means 3s.
 	RevokeTimeout time.Duration
+	// ReleaseKeys are the release public keys a published release must
+	// verify with (TETHER_RELEASE_KEYS). Empty: every publish is refused.
+	ReleaseKeys release.Keys
 	// Logger; nil discards.
 	Logger *slog.Logger
 }
@@ -67,6 +72,9 @@ type Daemon struct {
 	CA *clusterca.CA
 	// Service is the NATS service relays talk to.
 	Service *natsapi.Service
+	// Releases keeps releases (binaries in <DataDir>/releases) and runs
+	// the rollout.
+	Releases *rollout.Manager
 	// Claim is this control plane's claim, answered to any other.
 	Claim controlplane.Claim
 	// Admin is the admin API handler, to be served on the admin listener.
@@ -121,15 +129,27 @@ func Start(ctx context.Context, nc *nats.Conn, cfg Config) (_ *Daemon, err error
 		return nil, err
 	}
 	d.Store = store
+	d.Releases, err = rollout.New(rollout.Config{
+		Store: store, Dir: filepath.Join(cfg.DataDir, "releases"), Keys: cfg.ReleaseKeys, Logger: log.With("component", "releases"),
+		OnChange: func(ev controlplane.ReleaseEvent) {
+			if err := natsapi.PublishReleaseEvent(nc, ev); err != nil {
+				log.Warn("relays were not told of a release change (they see it within a minute)", "err", err)
+			}
+		},
+	})
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
 	d.Service, err = natsapi.Serve(ctx, nc, natsapi.ServiceConfig{
-		Store: store, CA: d.CA, Version: cfg.Version, Logger: log,
+		Store: store, CA: d.CA, Releases: d.Releases, Version: cfg.Version, Logger: log,
 		HelloInterval: cfg.HelloInterval, RevokeTimeout: cfg.RevokeTimeout,
 	})
 	if err != nil {
 		store.Close()
 		return nil, err
 	}
-	d.Admin = httpapi.Handler(httpapi.Config{Store: store, Cluster: d.Service, Token: d.AdminToken, Domain: cfg.Domain, Logger: log})
+	d.Admin = httpapi.Handler(httpapi.Config{Store: store, Cluster: d.Service, Releases: d.Releases, Token: d.AdminToken, Domain: cfg.Domain, Logger: log})
 	log.Info("control plane serving", "instance", d.Claim.Instance, "epoch", d.Service.Epoch(), "ca", d.CA.Path)
 	return d, nil
 }

@@ -9,6 +9,16 @@
 //	GET  /v1/leases                 → [Lease] (with the relays that could not bind a TCP lease's port)
 //	GET  /v1/relays                 → [RelayInfo] (the live relays)
 //
+// Releases and rollouts (releases.go):
+//
+//	POST /v1/releases               {"manifest": base64, "signature": base64} → ReleaseInfo
+//	PUT  /v1/releases/{version}/artifacts/{arch}  the binary → ReleaseInfo
+//	GET  /v1/releases               → [ReleaseInfo], newest first
+//	POST /v1/rollout                {"version","labels","percent"} → Rollout (starts one)
+//	GET  /v1/rollout                → RolloutStatus
+//	POST /v1/rollout/percent        {"percent": N} → Rollout
+//	POST /v1/rollout/{pause,resume,abort} → Rollout
+//
 // Errors are {"error": "…"} with the status of the error's kind.
 package httpapi
 
@@ -58,6 +68,9 @@ type Config struct {
 	// Cluster revokes devices cluster-wide and knows the live relays.
 	// Required.
 	Cluster Cluster
+	// Releases publishes releases and runs rollouts. Nil: those routes
+	// answer 503.
+	Releases Releases
 	// Logger receives failures; nil discards them.
 	Logger *slog.Logger
 }
@@ -92,6 +105,7 @@ func Handler(cfg Config) http.Handler {
 	mux.HandleFunc("POST /v1/devices/{device}/revoke", a.revoke)
 	mux.HandleFunc("GET /v1/leases", a.leases)
 	mux.HandleFunc("GET /v1/relays", func(w http.ResponseWriter, r *http.Request) { a.reply(w, r)(cfg.Cluster.Relays(), nil) })
+	a.releaseRoutes(mux)
 	return a.auth(mux)
 }
 
@@ -212,8 +226,14 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Authorization", "Bearer "+c.Token)
 	req.Header.Set("Content-Type", "application/json")
+	return c.send(req, out)
+}
+
+// send sends req with the admin token and decodes the JSON answer into out.
+func (c *Client) send(req *http.Request, out any) error {
+	method, path := req.Method, req.URL.Path
+	req.Header.Set("Authorization", "Bearer "+c.Token)
 	hc := c.HTTP
 	if hc == nil {
 		hc = http.DefaultClient

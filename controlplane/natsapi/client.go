@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -13,7 +14,8 @@ import (
 )
 
 // Client reaches the control plane over NATS: it is what a relay uses. It
-// implements controlplane.Cluster (and so controlplane.Relays).
+// implements controlplane.Cluster (and so controlplane.Relays) and
+// controlplane.Releases (releases.go).
 //
 // NC should be connected as natsperm.Relay with ConnectOptions (or
 // natsembed's ConnectAs): its inbox prefix must be the relay role's.
@@ -26,6 +28,9 @@ type Client struct {
 	NC *nats.Conn
 	// Timeout bounds each request. Zero means 5s.
 	Timeout time.Duration
+
+	rcOnce sync.Once
+	rc     *releaseCache // releases.go
 }
 
 var _ controlplane.Cluster = (*Client)(nil)

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"regexp"
 	"strings"
@@ -67,6 +68,9 @@ type ServiceConfig struct {
 	Store Store
 	// CA certifies relays' keys. Nil means cert requests are refused.
 	CA Certifier
+	// Releases serves releases and rollouts to relays. Nil: no release is
+	// ever offered (releases.go).
+	Releases ReleaseService
 	// Version is reported by the micro service's discovery. Empty means "0.0.0".
 	Version string
 	// HelloInterval is how often relays say hello; one silent for three
@@ -178,6 +182,7 @@ func Serve(ctx context.Context, nc *nats.Conn, cfg ServiceConfig) (*Service, err
 		controlplane.SubjectSync:     handle(h, s.sync),
 		controlplane.SubjectCert:     handle(h, s.cert),
 	}
+	maps.Copy(endpoints, s.releaseEndpoints(h))
 	for subject, h := range endpoints {
 		name := subject[len(controlplane.SubjectPrefix):]
 		if err := svc.AddEndpoint(name, h, micro.WithEndpointSubject(subject)); err != nil {

@@ -27,6 +27,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/natsperm"
 	"github.com/tetherfleet/tether/controlplane/ops"
+	"github.com/tetherfleet/tether/firmware/release"
 	"github.com/tetherfleet/tether/frames/cli"
 )
 
@@ -50,6 +51,7 @@ type spec struct {
 	AdminAddr        string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API listener"`
 	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
 	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
+	ReleaseKeys      string        `split_words:"true" desc:"comma-separated minisign public keys (RW...) a published release must be signed with; empty: no release is accepted"`
 	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
 	LogFormat        string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
 	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
@@ -85,6 +87,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if s.NATSPassword, err = cli.Secret(s.NATSPassword, s.NATSPasswordFile); err != nil {
 		return err
 	}
+	releaseKeys, err := release.ParseKeys(strings.Split(s.ReleaseKeys, ","))
+	if err != nil {
+		return fmt.Errorf("TETHER_RELEASE_KEYS: %w", err)
+	}
 	auth := natsapi.Auth{User: s.NATSUser, Password: s.NATSPassword, CredsFile: s.NATSCreds, CAFile: s.NATSCA}
 	nc, err := natsapi.Connect(s.NATSURL, auth, natsperm.ControlPlane, "tether-controlplane", log.With("component", "nats"))
 	if err != nil {
@@ -97,7 +103,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	cp, err := daemon.Start(ctx, nc, daemon.Config{
 		DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version,
-		CertDomains: certDomains, ClaimWait: s.ClaimWait, Logger: log,
+		CertDomains: certDomains, ClaimWait: s.ClaimWait, ReleaseKeys: releaseKeys, Logger: log,
 	})
 	if err != nil {
 		return err
