@@ -120,6 +120,10 @@ type Config struct {
 	// agents' update reports (natsapi.Client over NATS). Nil means agents
 	// are never offered updates.
 	Releases controlplane.Releases
+	// UpdateInterval is how often the relay asks Releases whether an
+	// agent should be offered an update (jittered ±50%; the first time a
+	// few seconds after its session is up). Zero means 1m.
+	UpdateInterval time.Duration
 	// Mux tunes the smux sessions.
 	Mux wsmux.Config
 	// Logger; nil discards.
@@ -199,6 +203,7 @@ func New(cfg Config) (*Server, error) {
 	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 256)
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
 	cfg.HelloInterval = cmp.Or(cfg.HelloInterval, controlplane.HelloInterval)
+	cfg.UpdateInterval = cmp.Or(cfg.UpdateInterval, time.Minute)
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)

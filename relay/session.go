@@ -56,6 +56,8 @@ type session struct {
 
 	holdingSync bool // the handshake holds srv.syncMu (read)
 
+	upd sessionUpdates // agent updates (update.go)
+
 	regMu       sync.Mutex       // one registration at a time; guards the two below
 	provisional bool             // admitted from the replica, not yet synced
 	pending     *frames.Register // a registration the control plane has not seen yet
@@ -183,10 +185,12 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 	if err == nil {
 		sess.send(leases)
 		sess.log.Info("agent connected", "generation", sess.generation(), "services", len(sess.leases))
+		sess.startUpdates()
 		err = sess.controlLoop()
 	}
 	s.goodbye(sess)
 	sess.end(err)
+	sess.waitUpdates()
 	s.metrics.sessions.Dec()
 	sess.log.Info("agent disconnected", "generation", sess.generation(), "reason", err)
 }
@@ -290,6 +294,7 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 		return nil, refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
 	}
 	sess.heartbeat = time.Duration(hello.HeartbeatMillis) * time.Millisecond
+	sess.upd.agentVersion = hello.AgentVersion
 	if sess.heartbeat < time.Second || sess.heartbeat > 10*time.Minute {
 		return nil, refuse(frames.CodeBadRequest, fmt.Sprintf("heartbeat interval %v is outside 1s..10m", sess.heartbeat))
 	}
@@ -440,6 +445,8 @@ func (sess *session) controlLoop() error {
 			}
 			sess.srv.tcp.sync(sess.srv.reg.update(sess, leases))
 			sess.send(out)
+		case *frames.UpdateStatus:
+			sess.updateStatus(msg)
 		case *frames.Error:
 			return fmt.Errorf("agent closed the session: %w", msg)
 		case *frames.Unknown:
