@@ -28,12 +28,12 @@ cluster: ## start a cluster here: real NATS, a control plane, 3 relays on 127.0.
 	$(GO) build -o bin/tether-cluster ./relay/cmd/tether-cluster
 	./bin/tether-cluster
 
-tools: ## install what the tests need (Debian): qemu-user-static for the ARM smoke test, shellcheck for install.sh
-	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v shellcheck >/dev/null; then :; \
+tools: ## install what the tests need (Debian): qemu-user-static for the ARM smoke test, shellcheck for install.sh, minisign to check release signatures
+	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v shellcheck >/dev/null && command -v minisign >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing qemu-user-static shellcheck"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static shellcheck >/dev/null; \
-	else echo "make tools: install qemu-user-static and shellcheck (as root) to run the ARM smoke test and check install.sh"; fi
+	  echo "installing qemu-user-static shellcheck minisign"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static shellcheck minisign >/dev/null; \
+	else echo "make tools: install qemu-user-static, shellcheck and minisign (as root) to run the ARM smoke test and check install.sh and release signatures"; fi
 
 test: tools ## go vet, then every test with the race detector (what CI runs), and the patched smux copy's own tests
 	$(GO) vet ./...
@@ -49,8 +49,9 @@ cross: ## build every target into ./dist with SHA256SUMS; fails when a size budg
 bench: ## measure throughput, req/s, latency, CPU, memory, idle cost and a reconnect storm against direct; writes BENCHMARKS.md (BENCH_QUICK=1: ~2 min)
 	$(GO) run ./cross/cmd/bench -out BENCHMARKS.md
 
-fuzz: ## fuzz the frame decoder for a minute
+fuzz: ## fuzz the frame decoder for a minute, the release manifest parser for 20s
 	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 60s ./frames
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 20s ./firmware/release
 
 clean: ## remove build output (keeps ./tether-data)
 	rm -rf bin dist
