@@ -1,6 +1,7 @@
 // Command tetherctl is the operator's CLI for a Tether control plane: it
-// creates enrollment tokens, lists devices, leases and live relays, and
-// revokes devices, over the admin API.
+// creates enrollment tokens, lists devices, leases and live relays,
+// revokes devices, signs and publishes agent releases and runs rollouts,
+// over the admin API.
 //
 // It exits 0 on success, 1 on an error, and 2 when a revocation is stored
 // but not yet confirmed by every live relay.
@@ -38,7 +39,16 @@ Commands:
   revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect
                                                           (exit status 2: not yet confirmed by every live relay)
   provision --token T --relay URL --services LIST [--name N] [--boot DIR]
-                                                          write tether.env for a device's SD card (no control plane needed)`
+                                                          write tether.env for a device's SD card (no control plane needed)
+  release keygen [--dir DIR]                              make a release signing key pair (tether-release.key, .pub)
+  release sign --key FILE --version vX.Y.Z [--min-version V] [--floor V] DIST
+                                                          write DIST/manifest.json and its .minisig for make cross's agents
+  release publish DIST                                    upload a signed release (manifest, signature, binaries)
+  releases [--json]                                       list published releases
+  rollout start VERSION [--labels k=v,...] [--percent N]  offer a release to N% (default 100) of the devices with the labels
+  rollout set-percent N                                   change the rollout's percent (devices already chosen stay)
+  rollout status [--json]                                 devices per version and update state
+  rollout pause|resume|abort                              stop or resume offering; abort ends the rollout`
 
 type spec struct {
 	AdminURL       string `split_words:"true" default:"http://127.0.0.1:7070" desc:"admin API of the control plane (or standalone relay)"`
@@ -95,6 +105,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if args[0] == "provision" {
 		return provisionCmd(args[1:], stdout, stderr)
 	}
+	if args[0] == "release" {
+		if ok, err := releaseOffline(args[1:], stdout, stderr); ok {
+			return err
+		}
+	}
 	if s.AdminTokenFile == "" {
 		s.AdminTokenFile = filepath.Join(s.DataDir, "admin-token")
 	}
@@ -119,6 +134,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return list(ctx, rest, stdout, "leases", c.Leases, printLeases)
 	case "relays":
 		return list(ctx, rest, stdout, "relays", c.Relays, printRelays)
+	case "release":
+		return releaseCmd(ctx, c, rest, stdout, stderr)
+	case "releases":
+		return list(ctx, rest, stdout, "releases", c.Releases, printReleases)
+	case "rollout":
+		return rolloutCmd(ctx, c, rest, stdout, stderr)
 	case "revoke":
 		if len(rest) != 1 {
 			return errors.New("usage: tetherctl revoke DEVICE")
