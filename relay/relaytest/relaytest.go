@@ -36,6 +36,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/natsembed"
 	"github.com/tetherfleet/tether/controlplane/natsperm"
+	"github.com/tetherfleet/tether/firmware/release"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/devca"
 )
@@ -51,6 +52,11 @@ type Options struct {
 	HelloInterval time.Duration
 	// TCPPorts is how many ports TCP leases come from. Zero means 16.
 	TCPPorts int
+	// ReleaseKeys are the control plane's release keys: a release
+	// published on it (Env.CP.Releases) must be signed with one. Relays
+	// offer its rollouts when RelayConfig sets their Releases (to their
+	// ControlPlane, a natsapi.Client). Nil means releases are refused.
+	ReleaseKeys release.Keys
 }
 
 // Env is a running Tether server.
@@ -130,7 +136,7 @@ func (e *Env) StartControlPlane() {
 	e.T.Helper()
 	cp, err := daemon.Start(context.Background(), e.cpNC, daemon.Config{
 		DataDir: e.DataDir, TCPPorts: e.TCPPorts, Domain: e.Domain, ClaimWait: 50 * time.Millisecond,
-		HelloInterval: e.HelloInterval, Logger: e.Logger.With("component", "controlplane"),
+		HelloInterval: e.HelloInterval, ReleaseKeys: e.opts.ReleaseKeys, Logger: e.Logger.With("component", "controlplane"),
 	})
 	if err != nil {
 		e.T.Fatal(err)
