@@ -10,7 +10,7 @@ AGENT_TAGS := nethttpomithttp2
 export CGO_ENABLED := 0
 export GOTOOLCHAIN := local
 
-.PHONY: help build run cluster test test-short tools cross bench fuzz clean
+.PHONY: help build run cluster test test-short tools cross packages bench fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ test-short: ## the tests without the race detector, faster
 
 cross: ## build every target into ./dist with SHA256SUMS; fails when a size budget is exceeded
 	$(GO) run ./cross/cmd/xbuild -out dist -version $(VERSION)
+
+packages: ## build the agent's .deb and .apk for every arch into ./dist/packages from make cross's binaries
+	$(GO) run ./firmware/cmd/tether-packages -dist dist -out dist/packages -version $(VERSION)
 
 bench: ## measure throughput, req/s, latency, CPU, memory, idle cost and a reconnect storm against direct; writes BENCHMARKS.md (BENCH_QUICK=1: ~2 min)
 	$(GO) run ./cross/cmd/bench -out BENCHMARKS.md
