@@ -9,6 +9,9 @@
 // `tether-agent preflight` is the update rollback check systemd runs from
 // the previous binary before each start (ExecStartPre=-NAME.prev
 // preflight): see package agent/update.
+//
+// `tether-agent provision` takes a boot-partition tether.env into the state
+// dir (the unit runs it as root before each start): see agent/bootenv.
 package main
 
 import (
@@ -57,6 +60,7 @@ type spec struct {
 	Insecure          bool          `split_words:"true" desc:"allow ws:// relay URLs (no TLS; the enrollment token travels in cleartext): closed test networks only"`
 	LogFormat         string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
 	LogLevel          string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	BootDirs          string        `split_words:"true" default:"/boot/firmware,/boot" desc:"where a boot-partition tether.env is looked for, comma-separated (taken once; see tether-agent provision)"`
 	ReleaseKeys       string        `split_words:"true" desc:"minisign public keys (RW..., comma-separated) that agent releases must be signed with; empty: every update is refused"`
 	UpdateDeadline    time.Duration `split_words:"true" default:"2m" desc:"a new agent version must connect and pass its first heartbeats within this time of the swap, else the previous binary comes back"`
 	UpdateRate        int           `split_words:"true" default:"1048576" desc:"most bytes per second an update download takes"`
@@ -106,6 +110,9 @@ func main() {
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) > 0 && args[0] == "preflight" {
 		return preflight(args[1:], stdout)
+	}
+	if done, err := provision(args, stdout, os.Stderr); done || err != nil {
+		return err
 	}
 	var s spec
 	unknown, err := cli.Parse("tether-agent", version, about, &s, args, stdout)
@@ -167,7 +174,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		// Each time the relay assigns names the session is up: give the
 		// memory of the TLS handshake and enrollment back to the OS, so an
 		// idle agent stays small on a Pi Zero.
-		OnLeases:    func([]frames.Lease) { debug.FreeOSMemory() },
+		OnLeases:    func(ls []frames.Lease) { debug.FreeOSMemory(); writeLeases(log, s.StateDir, ls) },
 		Insecure:    s.Insecure,
 		Version:     version,
 		Updater:     upd,

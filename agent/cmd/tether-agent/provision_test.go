@@ -1,0 +1,107 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/cross/harness"
+	"github.com/tetherfleet/tether/relay/relaytest"
+)
+
+// TestBootPartitionProvisioning is SD-card provisioning with the real
+// binaries: tetherctl provision writes tether.env into a "boot" dir, the
+// agent takes it at its first start, the secret leaves the card, the
+// device enrolls and is served; the same file put back is not taken again.
+func TestBootPartitionProvisioning(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	bin := harness.BuildT(t, "tether-agent", "tetherctl")
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, "hello from a provisioned device")
+	}))
+	t.Cleanup(web.Close)
+	dir := t.TempDir()
+	boot, state, ca := filepath.Join(dir, "boot"), filepath.Join(dir, "state"), filepath.Join(dir, "ca.pem")
+	os.Mkdir(boot, 0o755)
+	if err := os.WriteFile(ca, e.CA.CertPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	token := e.Token(1)
+	out, err := exec.CommandContext(t.Context(), filepath.Join(bin, "tetherctl"), "provision", "--token", token,
+		"--relay", e.RelayURL(), "--services", "web=http://"+web.Listener.Addr().String(), "--name", "card01",
+		"--boot", boot).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tetherctl provision: %v\n%s", err, out)
+	}
+	card, err := os.ReadFile(filepath.Join(boot, "tether.env"))
+	if err != nil || !bytes.Contains(card, []byte(token)) {
+		t.Fatalf("tether.env: %v\n%s", err, card)
+	}
+
+	env := []string{"TETHER_BOOT_DIRS=" + boot, "TETHER_STATE_DIR=" + state, "TETHER_RELAY_CA=" + ca, "TETHER_LOG_FORMAT=text"}
+	agent := harness.StartT(t, harness.Cmd{Path: filepath.Join(bin, "tether-agent"), Env: env})
+	relaytest.Eventually(t, 30*time.Second, func() error {
+		if agent.Exited() {
+			t.Fatalf("the agent exited: %v\n%s", agent.Err(), agent.Logs())
+		}
+		_, err := os.Stat(filepath.Join(state, leasesFile))
+		return err
+	})
+	e.AwaitPage(true, "web-card01."+e.Domain, "/", 200, "hello from a provisioned device", 10*time.Second)
+	leases, _ := os.ReadFile(filepath.Join(state, leasesFile))
+	if want := "web http web-card01." + e.Domain + "\n"; string(leases) != want {
+		t.Errorf("leases file %q, want %q", leases, want)
+	}
+
+	// The secret left the card; the token is in the state dir, 0600.
+	if _, err := os.Stat(filepath.Join(boot, "tether.env")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("tether.env is still on the card: %v", err)
+	}
+	filepath.WalkDir(boot, func(p string, d fs.DirEntry, err error) error {
+		if b, _ := os.ReadFile(p); err == nil && !d.IsDir() && bytes.Contains(b, []byte(token)) {
+			t.Errorf("%s holds the token", p)
+		}
+		return nil
+	})
+	tok, err := os.ReadFile(filepath.Join(state, "enroll-token"))
+	st, _ := os.Stat(filepath.Join(state, "enroll-token"))
+	if err != nil || strings.TrimSpace(string(tok)) != token || st.Mode().Perm() != 0o600 {
+		t.Errorf("enroll-token: %v %v", st.Mode(), err)
+	}
+	if err := agent.Stop(harness.StopGrace); err != nil {
+		t.Log(err)
+	}
+
+	// The unit's ExecStartPre: nothing to take now; the same file put back
+	// is removed but not taken again.
+	provision := func() string {
+		cmd := exec.CommandContext(t.Context(), filepath.Join(bin, "tether-agent"), "provision")
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("tether-agent provision: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	if out := provision(); !strings.Contains(out, "no tether.env in "+boot) {
+		t.Errorf("provision with no file: %s", out)
+	}
+	if err := os.WriteFile(filepath.Join(boot, "tether.env"), card, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out := provision(); strings.Contains(out, "took the settings") {
+		t.Errorf("the same file was taken twice: %s", out)
+	}
+	if _, err := os.Stat(filepath.Join(boot, "tether.env")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("tether.env put back is still on the card: %v", err)
+	}
+}
