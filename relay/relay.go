@@ -318,6 +318,9 @@ func (s *Server) PublicHTTPHandler() http.Handler { return s.handler("http", fal
 func (s *Server) handler(scheme string, agents bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, leaseName := s.label(r.Host); agents && (!leaseName || s.ownName(r.Host)) {
+			if s.serveRelease(w, r) { // release_http.go
+				return
+			}
 			switch r.URL.Path {
 			case frames.ConnectPath:
 				s.serveAgent(w, r)

@@ -63,6 +63,7 @@ type spec struct {
 	AdminAddr        string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API of the embedded control plane (standalone only)"`
 	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
 	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
+	ReleaseKeys      string        `split_words:"true" desc:"comma-separated minisign public keys (RW...) of agent releases: only releases they sign are offered to agents, served and embedded in /install.sh (standalone: also the only ones published); empty: none"`
 	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
 	LogFormat        string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
@@ -102,6 +103,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	names := splitList(s.PublicNames)
 	if s.AdminToken, err = cli.Secret(s.AdminToken, s.AdminTokenFile); err != nil {
 		return err
+	}
+	keys, err := releaseKeys(s.ReleaseKeys)
+	if err != nil {
+		return fmt.Errorf("TETHER_RELEASE_KEYS: %w", err)
 	}
 	if s.NATSPassword, err = cli.Secret(s.NATSPassword, s.NATSPasswordFile); err != nil {
 		return err
@@ -146,7 +151,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		// The embedded NATS server is this process's own: no other control
 		// plane can be on it, so there is nothing to listen for.
 		cp, err = daemon.Start(context.Background(), cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken,
-			Domain: s.Domain, Version: version, ClaimWait: time.Millisecond, Logger: log.With("component", "controlplane")})
+			Domain: s.Domain, Version: version, ClaimWait: time.Millisecond, ReleaseKeys: keys, Logger: log.With("component", "controlplane")})
 		if err != nil {
 			return err
 		}
@@ -173,6 +178,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
+	}
+	if relayCfg.Releases, err = releases(keys, cpClient, s.DataDir, log.With("component", "releases")); err != nil {
+		return err
 	}
 	// In a cluster, peers reach this relay on its cluster listener (a
 	// standalone relay has no peers).
