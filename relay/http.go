@@ -33,7 +33,13 @@ func (s *Server) servePublic(w http.ResponseWriter, r *http.Request, scheme stri
 			fmt.Sprintf("No Tether service is published at %s. Service hostnames look like SERVICE-DEVICE.%s.", r.Host, s.cfg.Domain))
 		return
 	}
+	s.limitBody(w, r)
 	if sess, service := s.reg.lookupHost(label); sess != nil && !s.isRevoked(sess.deviceID) {
+		release, ok := s.clientSlot(w, r, sess.deviceID, sess.name)
+		if !ok {
+			return
+		}
+		defer release()
 		s.metrics.httpRequests.WithLabelValues(scheme).Inc()
 		sess.proxy(service).ServeHTTP(w, r)
 		return
@@ -83,6 +89,11 @@ func (s *Server) serveElsewhere(w http.ResponseWriter, r *http.Request, label, s
 		s.errorPage(w, http.StatusBadGateway, "other_relay", "Device on another relay",
 			fmt.Sprintf("Device %s is connected to relay %s, and this relay has no cluster listener to forward to it.", rec.Name, lease.Relay))
 	default:
+		release, ok := s.clientSlot(w, r, rec.ID, rec.Name)
+		if !ok {
+			return
+		}
+		defer release()
 		s.metrics.httpRequests.WithLabelValues(scheme).Inc()
 		s.forwarder(rec.ID, rec.Name, lease.Service).ServeHTTP(w, r)
 	}
@@ -129,7 +140,14 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 	tr := &http.Transport{
 		// The address is the public Host (see Rewrite), which only keys the
 		// pool: every connection of this transport goes to this service.
-		DialContext:           func(ctx context.Context, _, _ string) (net.Conn, error) { return up.dial(ctx) },
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			c, err := up.dial(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return closeIdle(c, s.cfg.Public.StreamIdleTimeout), nil
+		},
+		ResponseHeaderTimeout: s.cfg.Public.ResponseHeaderTimeout,
 		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,
 		IdleConnTimeout:       90 * time.Second,
 		DisableCompression:    true,
@@ -201,6 +219,9 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error, u
 	case errors.Is(err, errTooManyStreams):
 		s.errorPage(w, http.StatusServiceUnavailable, "too_many_streams", "Device busy",
 			fmt.Sprintf("Device %s has too many open connections; try again shortly.", up.device))
+	case isTimeout(err):
+		s.errorPage(w, http.StatusGatewayTimeout, "device_timeout", "Device did not answer in time",
+			fmt.Sprintf("Service %s of device %s did not answer within %v.", up.service, up.device, s.cfg.Public.ResponseHeaderTimeout))
 	case errors.As(err, &fwd) && len(fwd.unreachable) == 0:
 		s.errorPage(w, http.StatusServiceUnavailable, "offline", "Device reconnecting",
 			fmt.Sprintf("Device %s is not connected to any relay right now (it is moving, or went offline); try again in a moment.", up.device))
@@ -215,4 +236,11 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error, u
 		s.errorPage(w, http.StatusBadGateway, "bad_gateway", "Bad gateway",
 			fmt.Sprintf("The connection to service %s of device %s failed.", up.service, up.device))
 	}
+}
+
+// isTimeout reports whether err is a timeout (the device's response
+// header did not come in time).
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }

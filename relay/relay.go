@@ -95,6 +95,9 @@ type Config struct {
 	// the key is verified); more wait briefly, then get 503 (admission.go).
 	// Zero means 256.
 	MaxHandshakes int
+	// Public bounds public clients: timeouts, sizes, per-client caps
+	// (public.go).
+	Public PublicLimits
 	// DrainWindow is the time over which Shutdown spreads drain notices.
 	// Zero means 5s.
 	DrainWindow time.Duration
@@ -141,7 +144,8 @@ type Server struct {
 	peer    *peer.Transport // nil without a peer certificate
 	metrics *metrics
 	reg     *registry
-	gate    *gate // agent handshakes in progress (admission.go)
+	gate    *gate       // agent handshakes in progress (admission.go)
+	clients *clientCaps // public clients' connections per device (public.go)
 	tcp     *tcpListeners
 
 	ctx    context.Context // ends at Shutdown's end; bounds sessions and loops
@@ -201,6 +205,7 @@ func New(cfg Config) (*Server, error) {
 	cfg.MaxIdleStreams = cmp.Or(cfg.MaxIdleStreams, 256)
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
 	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 256)
+	cfg.Public = cfg.Public.withDefaults()
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
 	cfg.HelloInterval = cmp.Or(cfg.HelloInterval, controlplane.HelloInterval)
 	cfg.UpdateInterval = cmp.Or(cfg.UpdateInterval, time.Minute)
@@ -210,7 +215,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
 		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
-		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes)}
+		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes),
+		clients: newClientCaps(cfg.Public.MaxStreamsPerClient)}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {
 		return nil, err

@@ -270,6 +270,11 @@ func (t *tcpListeners) untrack(c net.Conn) {
 func (s *Server) serveTCP(port uint16, c net.Conn) {
 	s.metrics.tcpConns.Inc()
 	if sess, service := s.reg.lookupPort(port); sess != nil && !s.isRevoked(sess.deviceID) {
+		release, ok := s.tcpClientSlot(c, sess.deviceID, sess.name)
+		if !ok {
+			return
+		}
+		defer release()
 		st, err := sess.openStream(service, c.RemoteAddr().String())
 		if err != nil {
 			s.log.Info("open TCP stream", "device", sess.name, "service", service, "err", err)
@@ -293,6 +298,11 @@ func (s *Server) serveTCP(port uint16, c net.Conn) {
 		c.Close()
 		return
 	}
+	release, ok := s.tcpClientSlot(c, rec.ID, rec.Name)
+	if !ok {
+		return
+	}
+	defer release()
 	ctx, cancel := context.WithTimeout(s.ctx, answerTimeout)
 	st, err := s.dialPeer(ctx, rec, lease.Service, c.RemoteAddr().String())
 	cancel()
@@ -307,11 +317,23 @@ func (s *Server) serveTCP(port uint16, c net.Conn) {
 // spliceTCP copies a public connection and a stream to the device both
 // ways until both end.
 func (s *Server) spliceTCP(c, st net.Conn, device, service string) {
-	res := splice.Splice(c, st)
+	res := splice.Splice(closeIdle(c, s.cfg.Public.TCPIdleTimeout), st)
 	s.metrics.bytes.WithLabelValues("to_device").Add(float64(res.AToB))
 	s.metrics.bytes.WithLabelValues("from_device").Add(float64(res.BToA))
 	var refused *RefusedError
 	if errors.As(res.Err, &refused) {
 		s.log.Info("TCP connection refused by device", "device", device, "service", service, "reason", refused.Refuse)
 	}
+}
+
+// tcpClientSlot takes one of the client's connections to a device for a
+// TCP connection, or closes it and returns false (MaxStreamsPerClient).
+func (s *Server) tcpClientSlot(c net.Conn, deviceID, deviceName string) (release func(), ok bool) {
+	release, ok = s.clients.take(deviceID, c.RemoteAddr().String())
+	if !ok {
+		s.metrics.streamsRefused.WithLabelValues("client_cap").Inc()
+		s.log.Debug("TCP connection over the client's cap", "device", deviceName, "client", c.RemoteAddr().String())
+		c.Close()
+	}
+	return release, ok
 }

@@ -134,8 +134,8 @@ func (n *Node) Start() {
 	https := listen(t, &n.HTTPSAddr)
 	plain := listen(t, &n.HTTPAddr)
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
-	hs := &http.Server{Handler: n.Relay.Handler(), TLSConfig: n.Certs.TLS, ErrorLog: errLog}
-	ps := &http.Server{Handler: n.Relay.PublicHTTPHandler(), ErrorLog: errLog}
+	hs := n.Relay.HTTPSServer(n.Certs.TLS, errLog)
+	ps := n.Relay.HTTPServer(errLog)
 	n.servers = []*http.Server{hs, ps}
 	n.serving.Go(func() { hs.ServeTLS(https, "", "") })
 	n.serving.Go(func() { ps.Serve(plain) })

@@ -157,6 +157,40 @@ func (a *RawAgent) ClosedWith(t testing.TB, within time.Duration) *frames.Error 
 	}
 }
 
+// KeepAlive sends the heartbeats the agent announced (three per
+// RawHeartbeat) and reads the control stream from now on, until the test
+// ends, for tests that outlast three heartbeat intervals.
+func (a *RawAgent) KeepAlive(t testing.TB) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			if _, err := frames.Read(a.Ctrl, 0); err != nil {
+				return
+			}
+		}
+	})
+	wg.Go(func() {
+		tick := time.NewTicker(RawHeartbeat / 3)
+		defer tick.Stop()
+		for seq := uint64(1); ; seq++ {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if frames.WriteTimeout(a.Ctrl, &frames.Heartbeat{Seq: seq}, time.Second) != nil {
+				return
+			}
+		}
+	})
+	t.Cleanup(func() {
+		close(done)
+		a.Mux.Close()
+		wg.Wait()
+	})
+}
+
 // ServeHTTP accepts every data stream the relay opens, whatever service it
 // names, and serves h on it, until the test ends.
 func (a *RawAgent) ServeHTTP(t testing.TB, h http.Handler) {

@@ -66,8 +66,18 @@ type spec struct {
 	ReleaseKeys      string        `split_words:"true" desc:"comma-separated minisign public keys (RW...) of agent releases: only releases they sign are offered to agents, served and embedded in /install.sh (standalone: also the only ones published); empty: none"`
 	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
-	LogFormat        string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
-	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 5s, then get 503"`
+
+	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
+	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`
+	PublicBodyMinRate       int           `split_words:"true" default:"1024" desc:"public request bodies arriving slower than this (bytes/s on average, after 10s) are cut off"`
+	PublicResponseTimeout   time.Duration `split_words:"true" default:"60s" desc:"wait for a device's response header, then answer 504"`
+	PublicStreamIdleTimeout time.Duration `split_words:"true" default:"100s" desc:"connections to a device's HTTP service (WebSocket, streamed responses) with no byte either way for this long are closed"`
+	PublicMaxPerClient      int           `split_words:"true" default:"64" desc:"connections one client address may hold to one device at once; beyond: 429, or the TCP connection is closed"`
+	TCPIdleTimeout          time.Duration `split_words:"true" desc:"TCP lease connections with no byte either way for this long are closed; empty: never"`
+
+	LogFormat string `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
+	LogLevel  string `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
 
 func main() {
@@ -178,6 +188,12 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
+		MaxHandshakes: s.MaxHandshakes,
+		Public: relay.PublicLimits{
+			HeaderTimeout: s.PublicHeaderTimeout, IdleTimeout: s.PublicIdleTimeout, BodyMinRate: s.PublicBodyMinRate,
+			ResponseHeaderTimeout: s.PublicResponseTimeout, StreamIdleTimeout: s.PublicStreamIdleTimeout,
+			TCPIdleTimeout: s.TCPIdleTimeout, MaxStreamsPerClient: s.PublicMaxPerClient,
+		},
 	}
 	if relayCfg.Releases, err = releases(keys, cpClient, s.DataDir, log.With("component", "releases")); err != nil {
 		return err
@@ -210,8 +226,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 	servers = append(servers,
-		&namedServer{name: "https", addr: s.HTTPSAddr, srv: &http.Server{Handler: rl.Handler(), TLSConfig: tlsConf, ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
-		&namedServer{name: "http", addr: s.HTTPAddr, srv: &http.Server{Handler: rl.PublicHTTPHandler(), ErrorLog: errLog, ReadHeaderTimeout: 30 * time.Second}},
+		&namedServer{name: "https", addr: s.HTTPSAddr, srv: rl.HTTPSServer(tlsConf, errLog)},
+		&namedServer{name: "http", addr: s.HTTPAddr, srv: rl.HTTPServer(errLog)},
 		&namedServer{name: "ops", addr: s.OpsAddr, srv: &http.Server{Handler: opsHandler(reg, rl, relayNC), ErrorLog: errLog}},
 	)
 	if cp != nil {

@@ -1,0 +1,264 @@
+package relay_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/relay"
+	"github.com/tetherfleet/tether/relay/relaytest"
+)
+
+// shortLimits are public limits small enough for a test to see each one act.
+func shortLimits(c *relay.Config) {
+	c.Public = relay.PublicLimits{
+		HeaderTimeout: time.Second, IdleTimeout: time.Second, BodyMinRate: 1024, BodyGrace: time.Second,
+		ResponseHeaderTimeout: time.Second, StreamIdleTimeout: time.Second, TCPIdleTimeout: time.Second,
+		MaxStreamsPerClient: 64,
+	}
+}
+
+// from dials the relay's plain-HTTP listener from a loopback source
+// address, so that tests can stand for several clients.
+func from(t testing.TB, e *relaytest.Env, src string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", e.HTTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// httpFrom is an HTTP client whose connections come from src.
+func httpFrom(e *relaytest.Env, src string) *http.Client {
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, network, e.HTTPAddr())
+		},
+	}}
+}
+
+// rssKB is the process's resident set, from /proc.
+func rssKB(t testing.TB) int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Skipf("no /proc: %v", err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return n
+		}
+	}
+	t.Skip("no VmRSS")
+	return 0
+}
+
+// TestSlowClientsCannotHoldADevice: 500 public connections that stall (a
+// header never finished, a body that stops, an idle keep-alive, an idle
+// WebSocket), from ten addresses, do not keep a legitimate client from
+// the device, and every one of them is closed by its timeout.
+func TestSlowClientsCannotHoldADevice(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: shortLimits})
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	ra.KeepAlive(t) // the attack outlasts three heartbeat intervals
+	var inFlight, peak atomic.Int64
+	ra.ServeHTTP(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := inFlight.Add(1)
+		defer inFlight.Add(-1)
+		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+		}
+		if r.Header.Get("Upgrade") == "websocket" {
+			c, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+			brw.Flush()
+			io.Copy(io.Discard, c) // idle until the relay closes it
+			return
+		}
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	}))
+	const host = "web-pi01.localhost"
+	rss0 := rssKB(t)
+
+	const perKind = 125
+	kinds := map[string]string{
+		"header":    "GET / HTTP/1.1\r\nHost: " + host + "\r\nX-Slow: ",
+		"body":      "POST / HTTP/1.1\r\nHost: " + host + "\r\nContent-Length: 1000000\r\n\r\n0123456789",
+		"keepalive": "GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"websocket": "GET /ws HTTP/1.1\r\nHost: " + host + "\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+	}
+	type slow struct {
+		kind  string
+		c     net.Conn
+		since time.Time
+	}
+	var conns []slow
+	i := 0
+	for _, kind := range slices.Sorted(func(yield func(string) bool) {
+		for k := range kinds {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		for range perKind {
+			c := from(t, e, fmt.Sprintf("127.0.0.%d", 10+i%10)) // 50 per address: under the per-client cap
+			i++
+			if _, err := io.WriteString(c, kinds[kind]); err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, slow{kind, c, time.Now()})
+		}
+	}
+	// The answers the stalling clients wait for arrive (keep-alive: 200, websocket: 101).
+	for _, s := range conns {
+		if s.kind != "keepalive" && s.kind != "websocket" {
+			continue
+		}
+		s.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(s.c), nil)
+		if err != nil || resp.StatusCode != map[string]int{"keepalive": 200, "websocket": 101}[s.kind] {
+			t.Fatalf("%s connection: %v %v", s.kind, resp, err)
+		}
+		if s.kind == "keepalive" {
+			io.Copy(io.Discard, resp.Body)
+		}
+	}
+	rss1 := rssKB(t)
+
+	// A legitimate client meanwhile.
+	legit := httpFrom(e, "127.0.0.9")
+	var lat []time.Duration
+	for range 100 {
+		start := time.Now()
+		resp, err := legit.Get("http://" + host + "/")
+		if err != nil {
+			t.Fatalf("legitimate client during the attack: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("legitimate client during the attack: %s", resp.Status)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	slices.Sort(lat)
+
+	// Every stalling connection is closed by the relay, none by our deadline.
+	var wg sync.WaitGroup
+	closedAfter := make([]time.Duration, len(conns))
+	for i, s := range conns {
+		wg.Go(func() {
+			s.c.SetReadDeadline(time.Now().Add(15 * time.Second))
+			_, err := io.Copy(io.Discard, s.c)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Errorf("%s connection %d still open 15s later", s.kind, i)
+				return
+			}
+			closedAfter[i] = time.Since(s.since)
+		})
+	}
+	wg.Wait()
+	relaytest.Eventually(t, 5*time.Second, func() error {
+		if n := inFlight.Load(); n != 0 {
+			return fmt.Errorf("%d requests still open on the device", n)
+		}
+		return nil
+	})
+	worst := slices.Max(closedAfter)
+	t.Logf("500 stalling connections (4 kinds × %d, 10 addresses): legitimate client p50 %v, p99 %v over %d requests; "+
+		"all closed by the relay, the last %v after it opened; device saw at most %d requests at once; "+
+		"test process RSS %d → %d kB (+%d kB per stalling connection, both ends)",
+		perKind, lat[len(lat)/2], lat[len(lat)*99/100], len(lat), worst.Round(time.Millisecond), peak.Load(),
+		rss0, rss1, (rss1-rss0)/len(conns))
+	if per := (rss1 - rss0) / len(conns); per > 256 && !raceEnabled {
+		t.Errorf("%d kB of RSS per stalling connection, want at most 256", per)
+	}
+}
+
+// TestDeviceTooSlowIs504: a device that never answers gets the client a
+// 504 after the response header timeout, not an endless wait.
+func TestDeviceTooSlowIs504(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: shortLimits})
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	ra.ServeHTTP(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }))
+	start := time.Now()
+	status, body := e.Get(false, "web-pi01.localhost", "/")
+	if status != http.StatusGatewayTimeout || !strings.Contains(body, "did not answer") {
+		t.Fatalf("%d %s", status, body)
+	}
+	t.Logf("504 after %v", time.Since(start).Round(time.Millisecond))
+}
+
+// TestPerClientCap: one client address cannot hold more than its share
+// of a device's connections; another address is still served.
+func TestPerClientCap(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) {
+		c.Public.MaxStreamsPerClient = 8
+	}})
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	release := make(chan struct{})
+	var held atomic.Int64
+	ra.ServeHTTP(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hold" {
+			held.Add(1)
+			<-release
+		}
+		io.WriteString(w, "ok")
+	}))
+	hog := httpFrom(e, "127.0.0.30")
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer close(release)
+	for range 8 {
+		wg.Go(func() {
+			if resp, err := hog.Get("http://web-pi01.localhost/hold"); err == nil {
+				resp.Body.Close()
+			}
+		})
+	}
+	relaytest.Eventually(t, 10*time.Second, func() error {
+		if n := held.Load(); n != 8 {
+			return fmt.Errorf("%d requests held", n)
+		}
+		return nil
+	})
+	resp, err := hog.Get("http://web-pi01.localhost/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("X-Tether-Error") != "too_many_from_client" || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("ninth connection of one address: %s %v", resp.Status, resp.Header)
+	}
+	resp, err = httpFrom(e, "127.0.0.31").Get("http://web-pi01.localhost/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("another address: %s", resp.Status)
+	}
+}
