@@ -28,6 +28,9 @@ type Client struct {
 	NC *nats.Conn
 	// Timeout bounds each request. Zero means 5s.
 	Timeout time.Duration
+	// PlanTTL is how long Offer reuses the control plane's rollout plan
+	// when no release event said it changed (releases.go). Zero means 30s.
+	PlanTTL time.Duration
 
 	rcOnce sync.Once
 	rc     *releaseCache // releases.go

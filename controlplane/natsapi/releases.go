@@ -1,6 +1,7 @@
 package natsapi
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -95,13 +96,9 @@ func PublishReleaseEvent(nc *nats.Conn, ev controlplane.ReleaseEvent) error {
 
 var _ controlplane.Releases = (*Client)(nil)
 
-// planTTL is how long the client reuses the control plane's RolloutPlan
-// when no release event said it changed.
-const planTTL = 30 * time.Second
-
 // releaseCache is the Client's cached RolloutPlan. Offers are answered
 // from it (a relay asks at each session's start and about every minute
-// per session); it is fetched again after planTTL, after a release event,
+// per session); it is fetched again after Client.PlanTTL, after a release event,
 // and never by two callers at once.
 type releaseCache struct {
 	fetch sync.Mutex // held while fetching
@@ -142,14 +139,15 @@ func (c *Client) watchReleases(rc *releaseCache) {
 	}
 }
 
-// Plan returns the control plane's current RolloutPlan, cached.
+// Plan returns the control plane's current RolloutPlan, cached. While the
+// control plane cannot be reached, the last plan fetched stands.
 func (c *Client) Plan(ctx context.Context) (controlplane.RolloutPlan, error) {
 	rc := c.releaseCache()
 	c.watchReleases(rc)
 	fresh := func() bool {
 		rc.mu.Lock()
 		defer rc.mu.Unlock()
-		return !rc.stale && time.Since(rc.at) < planTTL
+		return !rc.stale && time.Since(rc.at) < cmp.Or(c.PlanTTL, 30*time.Second)
 	}
 	if !fresh() {
 		rc.fetch.Lock()
@@ -161,6 +159,12 @@ func (c *Client) Plan(ctx context.Context) (controlplane.RolloutPlan, error) {
 			err := c.call(ctx, controlplane.SubjectReleasePlan, struct{}{}, &plan)
 			if err != nil {
 				rc.fetch.Unlock()
+				rc.mu.Lock()
+				defer rc.mu.Unlock()
+				if !rc.at.IsZero() && controlplane.KindOf(err) == controlplane.KindUnavailable {
+					// The control plane is away: the last plan stands.
+					return rc.plan, nil
+				}
 				return controlplane.RolloutPlan{}, err
 			}
 			var man release.Manifest

@@ -368,3 +368,30 @@ func TestRelayCannotTouchReleases(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestOfferWhileControlPlaneAway: a relay keeps offering from its last
+// plan while the control plane cannot be reached.
+func TestOfferWhileControlPlaneAway(t *testing.T) {
+	key := controlplanetest.NewReleaseKey(t)
+	e := controlplanetest.Start(t, controlplanetest.Options{ReleaseKeys: key.Keys})
+	ctx := t.Context()
+	relay := e.Relay(0, "relay-a")
+	e.Publish(key, "v1.4.0", map[string][]byte{"arm64": randomBytes(100)})
+	devices := enrollFleet(t, e, relay, "pi", 4, nil, "v1.3.0")
+	if _, err := e.CP.Releases.Start(ctx, "v1.4.0", nil, 100); err != nil {
+		t.Fatal(err)
+	}
+	waitPlan(t, relay, controlplane.RolloutActive, 100)
+	if got := offered(t, relay, devices, "v1.3.0"); len(got) != 4 {
+		t.Fatalf("%d offered", len(got))
+	}
+	e.CP.Close()
+	// Every offer now asks, finds no control plane, and keeps the last plan.
+	relay.PlanTTL = time.Nanosecond
+	if got := offered(t, relay, devices, "v1.3.0"); len(got) != 4 {
+		t.Fatalf("%d offered with the control plane away", len(got))
+	}
+	if _, _, err := relay.Latest(ctx); controlplane.KindOf(err) != controlplane.KindUnavailable {
+		t.Fatalf("latest with the control plane away: %v", err)
+	}
+}
