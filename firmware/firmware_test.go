@@ -107,6 +107,22 @@ func TestUnitSecurity(t *testing.T) {
 	}
 }
 
+// TestUnitVerifies: systemd-analyze verify finds nothing wrong with the
+// unit's directives (the binary itself is not on this machine).
+func TestUnitVerifies(t *testing.T) {
+	sa := need(t, "systemd-analyze")
+	path := filepath.Join(t.TempDir(), firmware.UnitName)
+	if err := os.WriteFile(path, firmware.Unit(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, _ := exec.Command(sa, "verify", path).CombinedOutput()
+	for line := range strings.SplitSeq(strings.TrimSpace(string(out)), "\n") {
+		if line != "" && !strings.Contains(line, "Command "+firmware.BinaryPath+" is not executable") {
+			t.Errorf("systemd-analyze verify: %s", line)
+		}
+	}
+}
+
 func TestShellcheck(t *testing.T) {
 	sc := need(t, "shellcheck")
 	dir := t.TempDir()

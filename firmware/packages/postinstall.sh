@@ -50,5 +50,8 @@ elif [ -d /run/systemd/system ]; then
 	else
 		echo "tether-agent: not started: set TETHER_RELAY_URL, TETHER_SERVICES and TETHER_ENROLL_TOKEN_FILE in /etc/tether/agent.env (or use install.sh), then: systemctl start tether-agent"
 	fi
+elif command -v systemctl >/dev/null 2>&1; then
+	# An image being built (pi-gen's chroot): enabled for the first boot.
+	systemctl enable tether-agent.service >/dev/null 2>&1 || true
 fi
 exit 0
