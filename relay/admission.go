@@ -11,24 +11,23 @@ import (
 // Admission of agent handshakes. The expensive part of a connection that
 // has not proved its key yet (the WebSocket, the smux session and the
 // control plane's answer) runs for at most MaxHandshakes connections at
-// once. A connection beyond that waits for a slot, up to handshakeQueueWait
-// and with at most 4×MaxHandshakes waiting: its TLS handshake is already
-// paid for, and a fleet reconnecting at once (its relay died) is served
-// in order instead of all of it slowly, timing out and starting again.
-// Beyond the queue: 503 with Retry-After at once.
-
-// handshakeQueueWait bounds the wait for a handshake slot.
-const handshakeQueueWait = 5 * time.Second
+// once. A connection beyond that waits for a slot, up to HandshakeTimeout
+// and with at most 16×MaxHandshakes waiting (a waiting connection holds
+// its TLS state and one goroutine, no WebSocket or smux session yet): its
+// TLS handshake is already paid for, and a fleet reconnecting at once (its
+// relay died) is served in order instead of all of it slowly, timing out
+// and starting again. Beyond the queue: 503 with Retry-After at once.
 
 // gate is the handshake admission: slots and the waiting count.
 type gate struct {
 	slots   chan struct{}
 	waiting atomic.Int64
 	maxWait int64
+	wait    time.Duration // the longest wait for a slot
 }
 
-func newGate(n int) *gate {
-	return &gate{slots: make(chan struct{}, n), maxWait: 4 * int64(n)}
+func newGate(n int, wait time.Duration) *gate {
+	return &gate{slots: make(chan struct{}, n), maxWait: 16 * int64(n), wait: wait}
 }
 
 // enter takes a slot, waiting for one if the queue has room, and returns
@@ -44,7 +43,7 @@ func (g *gate) enter(ctx context.Context) (release func(), ok bool) {
 		return nil, false
 	}
 	defer g.waiting.Add(-1)
-	t := time.NewTimer(handshakeQueueWait)
+	t := time.NewTimer(g.wait)
 	defer t.Stop()
 	select {
 	case g.slots <- struct{}{}:

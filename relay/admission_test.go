@@ -8,24 +8,25 @@ import (
 )
 
 // TestGate: handshakes beyond the cap wait for a slot, in order of
-// release, up to handshakeQueueWait; beyond the queue they are refused
+// release, up to the wait; beyond the queue they are refused
 // at once; a release counts once.
 func TestGate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		g := newGate(2) // 2 slots, 8 waiting
+		const wait = 10 * time.Second
+		g := newGate(2, wait) // 2 slots, 32 waiting
 		ctx := context.Background()
 		r1, ok1 := g.enter(ctx)
 		r2, ok2 := g.enter(ctx)
 		if !ok1 || !ok2 {
 			t.Fatal("the first two handshakes were refused")
 		}
-		got := make(chan bool, 8)
-		for range 8 {
+		got := make(chan bool, 32)
+		for range 32 {
 			go func() { _, ok := g.enter(ctx); got <- ok }()
 		}
 		synctest.Wait()
 		if _, ok := g.enter(ctx); ok {
-			t.Fatal("a ninth waiter was admitted to a full queue")
+			t.Fatal("a waiter was admitted to a full queue")
 		}
 		r1()
 		r1() // once only
@@ -34,12 +35,12 @@ func TestGate(t *testing.T) {
 			t.Fatalf("after one release: %d admitted, want 1", len(got))
 		}
 		start := time.Now()
-		time.Sleep(handshakeQueueWait) // fake time: the other seven give up
+		time.Sleep(wait) // fake time: the other 31 give up
 		synctest.Wait()
-		if len(got) != 7 {
-			t.Fatalf("%d waiters answered after %v, want 7 refused", len(got), time.Since(start))
+		if len(got) != 31 {
+			t.Fatalf("%d waiters answered after %v, want 31 refused", len(got), time.Since(start))
 		}
-		for range 7 {
+		for range 31 {
 			if <-got {
 				t.Fatal("a waiter was admitted with no slot free")
 			}

@@ -12,8 +12,8 @@ import (
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/controlplanetest"
 	"github.com/tetherfleet/tether/relay"
-	"github.com/tetherfleet/tether/relay/relaytest"
 	"github.com/tetherfleet/tether/relay/releasecache"
+	"github.com/tetherfleet/tether/relay/relaytest"
 )
 
 // TestReleaseEndpoints: /install.sh and /_tether/release/ serve the

@@ -66,7 +66,7 @@ type spec struct {
 	ReleaseKeys      string        `split_words:"true" desc:"comma-separated minisign public keys (RW...) of agent releases: only releases they sign are offered to agents, served and embedded in /install.sh (standalone: also the only ones published); empty: none"`
 	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
-	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 5s, then get 503"`
+	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 10s, then get 503"`
 
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
 	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`
