@@ -31,18 +31,23 @@ COPY --from=build /out/tether-controlplane /out/tetherctl /usr/local/bin/
 COPY --from=build --chown=65532:65532 /out/state /var/lib/tether
 # Inside the container (docker exec), tetherctl finds the admin API on
 # 127.0.0.1:7070 and the token in $TETHER_DATA_DIR/admin-token.
-ENV TETHER_DATA_DIR=/var/lib/tether TETHER_OPS_ADDR=:7072
+# Ops (/metrics, /healthz, /readyz) on loopback: unauthenticated. Expose it
+# deliberately, e.g. -e TETHER_OPS_ADDR=0.0.0.0:7072 with the port published
+# to the monitoring network only (README: Operations).
+ENV TETHER_DATA_DIR=/var/lib/tether TETHER_OPS_ADDR=127.0.0.1:7072
 VOLUME /var/lib/tether
-EXPOSE 7072
 ENTRYPOINT ["/usr/local/bin/tether-controlplane"]
 
 FROM gcr.io/distroless/static-debian12:nonroot AS relay
 COPY --from=build /out/tether-relay /out/tetherctl /usr/local/bin/
 COPY --from=build --chown=65532:65532 /out/state /var/lib/tether
-ENV TETHER_DATA_DIR=/var/lib/tether TETHER_OPS_ADDR=:7071
+# Ops (/metrics, /healthz, /readyz) on loopback: unauthenticated. Expose it
+# deliberately, e.g. -e TETHER_OPS_ADDR=0.0.0.0:7071 with the port published
+# to the monitoring network only (README: Operations).
+ENV TETHER_DATA_DIR=/var/lib/tether TETHER_OPS_ADDR=127.0.0.1:7071
 VOLUME /var/lib/tether
-# 8080 public HTTP, 8443 public HTTPS and agents, 7071 metrics and health;
-# TCP leases use TETHER_TCP_PORTS (publish that range too).
-EXPOSE 8080 8443 7071
+# 8080 public HTTP, 8443 public HTTPS and agents; TCP leases use
+# TETHER_TCP_PORTS (publish that range too).
+EXPOSE 8080 8443
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/tether-relay"]

@@ -42,7 +42,10 @@ func (s *Server) serveEnroll(w http.ResponseWriter, r *http.Request) {
 			s.log.Warn("enrollment refused: control plane unreachable", "remote", r.RemoteAddr, "err", err)
 			msg = "enrollment needs the control plane, which this relay cannot reach right now; try again later (enrolled devices keep connecting)"
 		default:
-			s.log.Info("enrollment refused", "remote", r.RemoteAddr, "name", req.Name, "reason", msg)
+			// A token guesser must not flood the log: one line per interval
+			// says how many (each is counted by the metric, and at debug).
+			s.log.Debug("enrollment refused", "remote", r.RemoteAddr, "name", req.Name, "reason", msg)
+			s.limits.enrollRefusals.note(r.RemoteAddr, "enrollment refused", "name", req.Name, "reason", msg)
 		}
 		writeJSON(w, kind.HTTPStatus(), frames.HTTPError{Error: msg})
 		return

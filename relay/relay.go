@@ -89,11 +89,14 @@ type Config struct {
 	// MaxIdleStreams is how many idle HTTP streams are kept for reuse per
 	// service of a device. Zero means 256.
 	MaxIdleStreams int
+	// ConnectLimit and EnrollLimit bound the attempts per client address
+	// on /_tether/connect and /_tether/enroll (429 with Retry-After beyond
+	// them). Zero fields mean DefaultConnectLimit and DefaultEnrollLimit.
+	ConnectLimit, EnrollLimit RateLimit
 	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
 	HandshakeTimeout time.Duration
 	// MaxHandshakes caps the agent handshakes in progress at once (before
-	// the key is verified); more wait up to HandshakeTimeout, then get 503
-	// (admission.go).
+	// the key is verified); more wait briefly, then get 503 (admission.go).
 	// Zero means 256.
 	MaxHandshakes int
 	// Public bounds public clients: timeouts, sizes, per-client caps
@@ -148,6 +151,7 @@ type Server struct {
 	gate    *gate       // agent handshakes in progress (admission.go)
 	clients *clientCaps // public clients' connections per device (public.go)
 	tcp     *tcpListeners
+	limits  *edgeLimits // per-client rate limits on the agent endpoints
 
 	ctx    context.Context // ends at Shutdown's end; bounds sessions and loops
 	cancel context.CancelFunc
@@ -216,7 +220,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
 		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
-		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes, cfg.HandshakeTimeout),
+		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes),
 		clients: newClientCaps(cfg.Public.MaxStreamsPerClient)}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {
@@ -224,6 +228,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.reg = newRegistry()
+	s.limits = newEdgeLimits(cfg, log, cfg.Registerer)
 	s.tcp = newTCPListeners(cfg.TCPHost, s.wantPort, s.leasedPorts, s.serveTCP, s.metrics, log)
 	return s, nil
 }
@@ -330,10 +335,10 @@ func (s *Server) handler(scheme string, agents bool) http.Handler {
 			}
 			switch r.URL.Path {
 			case frames.ConnectPath:
-				s.serveAgent(w, r)
+				s.limits.connect.wrap(s.serveAgent)(w, r)
 				return
 			case frames.EnrollPath:
-				s.serveEnroll(w, r)
+				s.limits.enroll.wrap(s.serveEnroll)(w, r)
 				return
 			}
 		}

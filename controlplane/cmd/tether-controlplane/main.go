@@ -52,7 +52,8 @@ type spec struct {
 	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
 	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
 	ReleaseKeys      string        `split_words:"true" desc:"comma-separated minisign public keys (RW...) a published release must be signed with; empty: no release is accepted"`
-	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7072" desc:"/metrics, /healthz, /readyz: unauthenticated, so loopback unless exposed on purpose (README: Operations)"`
+	Pprof            bool          `envconfig:"PPROF" desc:"also serve /debug/pprof on the ops listener (1 or true); off: profiles show memory contents"`
 	LogFormat        string        `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
 	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 }
@@ -113,7 +114,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 	admin := &http.Server{Handler: cp.Admin, ErrorLog: errLog}
-	opsSrv := &http.Server{Handler: ops.Handler(reg, func(ctx context.Context) error { return nc.FlushWithContext(ctx) }), ErrorLog: errLog}
+	opsSrv := &http.Server{Handler: ops.Handler(reg, func(ctx context.Context) error { return nc.FlushWithContext(ctx) }, s.Pprof), ErrorLog: errLog}
 	adminLn, err := net.Listen("tcp", s.AdminAddr)
 	if err != nil {
 		return fmt.Errorf("listen admin on %s: %w", s.AdminAddr, err)

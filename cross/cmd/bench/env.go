@@ -175,7 +175,10 @@ func (e *env) startRelay(ctx context.Context) error {
 		"TETHER_DATA_DIR=" + e.data, "TETHER_HTTP_ADDR=" + e.httpAddr,
 		"TETHER_HTTPS_ADDR=" + e.httpsAddr, "TETHER_OPS_ADDR=" + e.opsAddr, "TETHER_ADMIN_ADDR=" + e.adminAddr,
 		"TETHER_TCP_PORTS=" + e.tcpPorts, "TETHER_TCP_HOST=127.0.0.1", "TETHER_RELAY_ID=bench-relay",
-		"TETHER_DRAIN_WINDOW=2s", "TETHER_LOG_LEVEL=warn"}})
+		"TETHER_DRAIN_WINDOW=2s", "TETHER_LOG_LEVEL=warn",
+		// The bench profiles the relay, and its whole fleet dials from one
+		// address: what it measures is the relay, not the per-IP limits.
+		"TETHER_PPROF=1", "TETHER_CONNECT_RATE=off", "TETHER_ENROLL_RATE=off"}})
 	if err != nil {
 		return err
 	}

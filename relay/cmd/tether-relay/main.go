@@ -64,9 +64,14 @@ type spec struct {
 	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
 	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
 	ReleaseKeys      string        `split_words:"true" desc:"comma-separated minisign public keys (RW...) of agent releases: only releases they sign are offered to agents, served and embedded in /install.sh (standalone: also the only ones published); empty: none"`
-	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz, /debug/pprof"`
+	OpsAddr          string        `split_words:"true" default:"127.0.0.1:7071" desc:"/metrics, /healthz, /readyz: unauthenticated, so loopback unless exposed on purpose (README: Operations)"`
+	Pprof            bool          `envconfig:"PPROF" desc:"also serve /debug/pprof on the ops listener (1 or true); off: profiles show memory contents"`
+	ConnectRate      string        `split_words:"true" default:"100/s" desc:"agent connections per client address (IPv6: per /64), sustained: N/s, N/m, N/h, or off; beyond: 429 with Retry-After"`
+	ConnectBurst     int           `split_words:"true" default:"2000" desc:"agent connections one client address may make at once (a fleet behind one NAT reconnecting)"`
+	EnrollRate       string        `split_words:"true" default:"1/s" desc:"enrollment attempts per client address, sustained: N/s, N/m, N/h, or off"`
+	EnrollBurst      int           `split_words:"true" default:"50" desc:"enrollment attempts one client address may make at once"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
-	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 10s, then get 503"`
+	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 5s, then get 503"`
 
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
 	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`
@@ -111,6 +116,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	names := splitList(s.PublicNames)
+	connectLimit, enrollLimit, err := rateLimits(s)
+	if err != nil {
+		return err
+	}
 	if s.AdminToken, err = cli.Secret(s.AdminToken, s.AdminTokenFile); err != nil {
 		return err
 	}
@@ -198,6 +207,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if relayCfg.Releases, err = releases(keys, cpClient, s.DataDir, log.With("component", "releases")); err != nil {
 		return err
 	}
+	relayCfg.ConnectLimit, relayCfg.EnrollLimit = connectLimit, enrollLimit
 	// In a cluster, peers reach this relay on its cluster listener (a
 	// standalone relay has no peers).
 	var clusterLn net.Listener
@@ -228,7 +238,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	servers = append(servers,
 		&namedServer{name: "https", addr: s.HTTPSAddr, srv: rl.HTTPSServer(tlsConf, errLog)},
 		&namedServer{name: "http", addr: s.HTTPAddr, srv: rl.HTTPServer(errLog)},
-		&namedServer{name: "ops", addr: s.OpsAddr, srv: &http.Server{Handler: opsHandler(reg, rl, relayNC), ErrorLog: errLog}},
+		&namedServer{name: "ops", addr: s.OpsAddr, srv: &http.Server{Handler: opsHandler(reg, rl, relayNC, s.Pprof), ErrorLog: errLog}},
 	)
 	if cp != nil {
 		servers = append(servers, &namedServer{name: "admin", addr: s.AdminAddr, srv: &http.Server{Handler: cp.Admin, ErrorLog: errLog}})
@@ -303,9 +313,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 
 // opsHandler serves the ops endpoints, with the relay's own /readyz: not
 // ready without NATS, degraded without the control plane.
-func opsHandler(g prometheus.Gatherer, rl *relay.Server, nc *nats.Conn) http.Handler {
+func opsHandler(g prometheus.Gatherer, rl *relay.Server, nc *nats.Conn, pprof bool) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/", ops.Handler(g, nil))
+	mux.Handle("/", ops.Handler(g, nil, pprof))
 	mux.Handle("GET /readyz", rl.ReadyHandler(nc.IsConnected))
 	return mux
 }

@@ -1,0 +1,139 @@
+package relay_test
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/relay"
+	"github.com/tetherfleet/tether/relay/relaytest"
+)
+
+// lineLog is a log that keeps its lines to count them.
+type lineLog struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *lineLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+// count returns how many lines say s.
+func (l *lineLog) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for line := range strings.Lines(l.buf.String()) {
+		if strings.Contains(line, s) {
+			n++
+		}
+	}
+	return n
+}
+
+// clientFrom is an HTTPS client of the relay whose connections come from
+// the loopback address src.
+func clientFrom(e *relaytest.Env, src string) *http.Client {
+	tr := e.Client().Transport.(*http.Transport).Clone()
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	tr.DialContext = d.DialContext
+	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+}
+
+// enrollAttempt posts an enrollment with a guessed token and returns the
+// status and Retry-After.
+func enrollAttempt(t *testing.T, c *http.Client, url string, i int) (int, string) {
+	return enrollWith(t, c, url, fmt.Sprintf("tth_guess%040d", i), i)
+}
+
+func enrollWith(t *testing.T, c *http.Client, url, token string, i int) (int, string) {
+	t.Helper()
+	pub, _, _ := ed25519.GenerateKey(nil)
+	body, _ := json.Marshal(frames.EnrollRequest{Token: token,
+		EnrollDevice: frames.EnrollDevice{PublicKey: pub, Name: fmt.Sprintf("guess%d", i)}})
+	resp, err := c.Post(url, "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode, resp.Header.Get("Retry-After")
+}
+
+// TestEnrollBruteForce: one address guessing tokens gets 429 with
+// Retry-After once its burst is spent, the log gets a bounded number of
+// lines however many attempts there are, and another address still
+// enrolls. The same run without a limit is the figure before.
+func TestEnrollBruteForce(t *testing.T) {
+	const attempts = 400
+	for _, limited := range []bool{false, true} {
+		name := map[bool]string{false: "before (no limit)", true: "after (default limit)"}[limited]
+		t.Run(name, func(t *testing.T) {
+			logs := &lineLog{}
+			e := relaytest.Start(t, relaytest.Options{
+				Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})),
+				RelayConfig: func(c *relay.Config) {
+					if !limited {
+						c.EnrollLimit = relay.RateLimit{PerSecond: -1}
+					}
+				},
+			})
+			url := "https://" + e.HTTPSAddr() + frames.EnrollPath
+			attacker := clientFrom(e, "127.0.0.1")
+			codes := map[int]int{}
+			first429, retryAfter := -1, ""
+			start := time.Now()
+			for i := range attempts {
+				code, ra := enrollAttempt(t, attacker, url, i)
+				codes[code]++
+				if code == http.StatusTooManyRequests && first429 < 0 {
+					first429, retryAfter = i, ra
+				}
+			}
+			took := time.Since(start)
+			lines := logs.count("enrollment refused") + logs.count("rate limit")
+			reached := codes[http.StatusUnauthorized]
+			t.Logf("FIGURE enroll brute force %s: %d attempts from one address in %v (%.0f/s): %d reached the control plane, %d got 429 (first at attempt %d, Retry-After %qs); %d log lines",
+				name, attempts, took.Round(time.Millisecond), float64(attempts)/took.Seconds(), reached, codes[http.StatusTooManyRequests], first429, retryAfter, lines)
+			if lines > 4 {
+				t.Errorf("%d log lines for %d refused attempts: a flood", lines, attempts)
+			}
+			if !limited {
+				if reached != attempts {
+					t.Fatalf("without a limit: %v", codes)
+				}
+				return
+			}
+			burst := relay.DefaultEnrollLimit.Burst
+			if first429 < burst || first429 > burst+5 || reached+codes[http.StatusTooManyRequests] != attempts {
+				t.Fatalf("429 from attempt %d (burst %d): %v", first429, burst, codes)
+			}
+			if s, err := strconv.Atoi(retryAfter); err != nil || s < 1 || s > 5 {
+				t.Fatalf("Retry-After %q", retryAfter)
+			}
+			if got := e.Counter("tether_relay_rate_limited_total", "enroll"); got != float64(codes[http.StatusTooManyRequests]) {
+				t.Fatalf("metric %v, 429s %d", got, codes[http.StatusTooManyRequests])
+			}
+			// Another address is not affected: a device with a real token
+			// enrolls from it, while the first is still refused.
+			if code, _ := enrollWith(t, clientFrom(e, "127.0.0.2"), url, e.Token(1), 0); code != http.StatusOK {
+				t.Fatalf("another address got %d, want 200", code)
+			}
+			if code, _ := enrollWith(t, attacker, url, e.Token(1), 1); code != http.StatusTooManyRequests {
+				t.Fatalf("the guessing address got %d, want 429", code)
+			}
+		})
+	}
+}
