@@ -157,7 +157,7 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(&url.URL{Scheme: "http", Host: pr.In.Host})
 			pr.Out.Host = pr.In.Host
-			pr.SetXForwarded()
+			setForwarded(pr) // X-Forwarded-*, Forwarded; client-set ones dropped (forwarded.go)
 		},
 		Transport: tr,
 		// Zero: ReverseProxy itself flushes at once for text/event-stream and
