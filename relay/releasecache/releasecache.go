@@ -56,6 +56,7 @@ type Cache struct {
 
 	mu        sync.Mutex
 	manifests map[string]verified  // by version
+	rejected  map[[32]byte]error   // releases that did not verify, by hash of manifest and signature
 	files     map[string]bool      // paths whose SHA-256 was checked by this process
 	inflight  map[string]*download // by path
 	latest    *controlplane.Release
@@ -89,7 +90,7 @@ func New(cfg Config) (*Cache, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create release cache dir: %w", err)
 	}
-	return &Cache{cfg: cfg, log: log, manifests: map[string]verified{}, files: map[string]bool{}, inflight: map[string]*download{}}, nil
+	return &Cache{cfg: cfg, log: log, manifests: map[string]verified{}, rejected: map[[32]byte]error{}, files: map[string]bool{}, inflight: map[string]*download{}}, nil
 }
 
 // Keys returns the trusted release keys in their "RW…" form (install.sh
@@ -105,12 +106,32 @@ func (c *Cache) verify(rel controlplane.Release) (release.Manifest, error) {
 	if ok && bytes.Equal(v.rel.Manifest, rel.Manifest) && bytes.Equal(v.rel.Signature, rel.Signature) {
 		return v.man, nil
 	}
-	man, err := release.Verify(rel.Manifest, rel.Signature, c.cfg.Keys)
-	if err != nil {
-		return man, fmt.Errorf("release %q from the control plane: %w", rel.Version, err)
+	h := sha256.New()
+	h.Write(rel.Manifest)
+	h.Write([]byte{0})
+	h.Write(rel.Signature)
+	var id [32]byte
+	h.Sum(id[:0])
+	c.mu.Lock()
+	err, seen := c.rejected[id]
+	c.mu.Unlock()
+	if seen {
+		return release.Manifest{}, err
 	}
-	if man.Version != rel.Version {
-		return man, fmt.Errorf("release %q from the control plane: its manifest is for %s", rel.Version, man.Version)
+	man, err := release.Verify(rel.Manifest, rel.Signature, c.cfg.Keys)
+	if err == nil && man.Version != rel.Version {
+		err = fmt.Errorf("%w: its manifest is for %s", release.ErrUnverified, man.Version)
+	}
+	if err != nil {
+		err = fmt.Errorf("release %q from the control plane: %w", rel.Version, err)
+		c.log.Warn("a release from the control plane does not verify with this relay's TETHER_RELEASE_KEYS: it is neither offered nor served", "version", rel.Version, "err", err)
+		c.mu.Lock()
+		if len(c.rejected) >= 64 {
+			clear(c.rejected)
+		}
+		c.rejected[id] = err
+		c.mu.Unlock()
+		return release.Manifest{}, err
 	}
 	dir := filepath.Join(c.cfg.Dir, man.Version)
 	if err := os.MkdirAll(dir, 0o700); err == nil {
