@@ -96,7 +96,8 @@ type Config struct {
 	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
 	HandshakeTimeout time.Duration
 	// MaxHandshakes caps the agent handshakes in progress at once (before
-	// the key is verified); more wait briefly, then get 503 (admission.go).
+	// the key is verified); more wait up to HandshakeTimeout, then get 503
+	// (admission.go).
 	// Zero means 256.
 	MaxHandshakes int
 	// Public bounds public clients: timeouts, sizes, per-client caps
@@ -220,7 +221,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
 		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
-		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes),
+		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes, cfg.HandshakeTimeout),
 		clients: newClientCaps(cfg.Public.MaxStreamsPerClient)}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {

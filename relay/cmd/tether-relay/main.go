@@ -71,7 +71,7 @@ type spec struct {
 	EnrollRate       string        `split_words:"true" default:"1/s" desc:"enrollment attempts per client address, sustained: N/s, N/m, N/h, or off"`
 	EnrollBurst      int           `split_words:"true" default:"50" desc:"enrollment attempts one client address may make at once"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
-	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 5s, then get 503"`
+	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 10s, then get 503"`
 
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
 	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`
