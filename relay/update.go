@@ -192,8 +192,8 @@ func (sess *session) acceptAgentStreams() {
 			continue
 		}
 		sess.upd.wg.Go(func() {
+			defer st.Close() // after the flag: once the agent sees the end, it may fetch again
 			defer sess.upd.fetching.Store(false)
-			defer st.Close()
 			sess.serveFetch(st)
 		})
 	}
