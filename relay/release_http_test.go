@@ -8,12 +8,13 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
-	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/controlplanetest"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/relay"
-	"github.com/tetherfleet/tether/relay/releasecache"
 	"github.com/tetherfleet/tether/relay/relaytest"
+	"github.com/tetherfleet/tether/relay/releasecache"
 )
 
 // TestReleaseEndpoints: /install.sh and /_tether/release/ serve the
@@ -23,7 +24,9 @@ import (
 func TestReleaseEndpoints(t *testing.T) {
 	key := controlplanetest.NewReleaseKey(t)
 	e := relaytest.Start(t, relaytest.Options{ReleaseKeys: key.Keys, RelayConfig: func(c *relay.Config) {
-		cache, err := releasecache.New(releasecache.Config{Upstream: c.ControlPlane.(controlplane.Releases), Dir: t.TempDir(), Keys: key.Keys, LatestTTL: 1})
+		up := c.ControlPlane.(*natsapi.Client)
+		up.PlanTTL = time.Nanosecond // no caching upstream: the release is asked for right after it is published
+		cache, err := releasecache.New(releasecache.Config{Upstream: up, Dir: t.TempDir(), Keys: key.Keys, LatestTTL: 1})
 		if err != nil {
 			t.Fatal(err)
 		}

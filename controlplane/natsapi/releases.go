@@ -114,6 +114,11 @@ type releaseCache struct {
 	// refused are devices that reported refusing or rolling back from the
 	// plan's release through this client since the plan was fetched.
 	refused map[string]bool
+
+	// Latest's answer, when it was fetched and the events seen before.
+	latest       *controlplane.LatestResponse
+	latestAt     time.Time
+	latestEvents uint64
 }
 
 func (c *Client) releaseCache() *releaseCache {
@@ -122,7 +127,7 @@ func (c *Client) releaseCache() *releaseCache {
 }
 
 // watchReleases subscribes to release events once, so that a changed
-// rollout reaches this relay at once rather than after planTTL.
+// rollout reaches this relay at once rather than after PlanTTL.
 func (c *Client) watchReleases(rc *releaseCache) {
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
@@ -212,12 +217,27 @@ func (c *Client) Offer(ctx context.Context, deviceID, agentVersion string) (cont
 	return *plan.Release, true, nil
 }
 
-// Latest returns the newest complete release.
+// Latest returns the newest complete release, cached as the plan is
+// (install.sh and its downloads ask on every request): fetched again
+// after PlanTTL or a release event.
 func (c *Client) Latest(ctx context.Context) (controlplane.Release, bool, error) {
+	rc := c.releaseCache()
+	c.watchReleases(rc)
+	rc.mu.Lock()
+	if rc.latest != nil && rc.latestEvents == rc.events && time.Since(rc.latestAt) < cmp.Or(c.PlanTTL, 30*time.Second) {
+		resp := *rc.latest
+		rc.mu.Unlock()
+		return resp.Release, resp.OK, nil
+	}
+	seen := rc.events
+	rc.mu.Unlock()
 	var resp controlplane.LatestResponse
 	if err := c.call(ctx, controlplane.SubjectReleaseLatest, struct{}{}, &resp); err != nil {
 		return controlplane.Release{}, false, err
 	}
+	rc.mu.Lock()
+	rc.latest, rc.latestAt, rc.latestEvents = &resp, time.Now(), seen
+	rc.mu.Unlock()
 	return resp.Release, resp.OK, nil
 }
 

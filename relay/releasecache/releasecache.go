@@ -39,8 +39,8 @@ type Config struct {
 	// Keys are the release keys the relay trusts (TETHER_RELEASE_KEYS).
 	// Empty: nothing is offered or served.
 	Keys release.Keys
-	// LatestTTL is how long Latest's answer is reused (install.sh and its
-	// downloads ask for it on every request). Zero means 10s.
+	// LatestTTL is how long Latest's answer is reused (natsapi.Client
+	// caches it too, until a release event). Zero means 1s.
 	LatestTTL time.Duration
 	// DownloadTimeout bounds one binary's download from Upstream. Zero
 	// means 10 minutes.
@@ -81,7 +81,7 @@ func New(cfg Config) (*Cache, error) {
 	if cfg.Upstream == nil || cfg.Dir == "" {
 		return nil, errors.New("releasecache: Upstream and Dir are required")
 	}
-	cfg.LatestTTL = cmp.Or(cfg.LatestTTL, 10*time.Second)
+	cfg.LatestTTL = cmp.Or(cfg.LatestTTL, time.Second)
 	cfg.DownloadTimeout = cmp.Or(cfg.DownloadTimeout, 10*time.Minute)
 	log := cfg.Logger
 	if log == nil {

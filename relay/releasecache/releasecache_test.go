@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/controlplane/controlplanetest"
@@ -39,7 +40,9 @@ func random(n int) []byte {
 func TestCacheDownloadsOnceAndChecks(t *testing.T) {
 	key := controlplanetest.NewReleaseKey(t)
 	e := controlplanetest.Start(t, controlplanetest.Options{ReleaseKeys: key.Keys})
-	up := &counting{Releases: e.Relay(0, "relay-a")}
+	nc := e.Relay(0, "relay-a")
+	nc.PlanTTL = time.Nanosecond // no caching upstream: Latest is asked right after the publish
+	up := &counting{Releases: nc}
 	dir := t.TempDir()
 	newCache := func() *releasecache.Cache {
 		c, err := releasecache.New(releasecache.Config{Upstream: up, Dir: dir, Keys: key.Keys, LatestTTL: 1})
