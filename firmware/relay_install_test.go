@@ -31,8 +31,9 @@ func TestInstallFromRelay(t *testing.T) {
 	need(t, "curl")
 	arch := hostArch(t)
 	key := controlplanetest.NewReleaseKey(t)
+	cacheDir := t.TempDir()
 	e := relaytest.Start(t, relaytest.Options{ReleaseKeys: key.Keys, RelayConfig: func(c *relay.Config) {
-		cache, err := releasecache.New(releasecache.Config{Upstream: c.ControlPlane.(controlplane.Releases), Dir: t.TempDir(), Keys: key.Keys})
+		cache, err := releasecache.New(releasecache.Config{Upstream: c.ControlPlane.(controlplane.Releases), Dir: cacheDir, Keys: key.Keys})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -60,16 +61,21 @@ func TestInstallFromRelay(t *testing.T) {
 		t.Fatal(err)
 	}
 	base := "https://" + e.HTTPSAddr()
-	oneLiner := func(args string) string {
+	run := func(root, args string) (string, error) {
 		t.Helper()
 		cmd := exec.CommandContext(t.Context(), "sh", "-c", "set -e; curl -fsS --cacert "+ca+" "+base+"/install.sh | sh -s -- "+args)
 		cmd.Env = append(os.Environ(), "TETHER_INSTALL_ROOT="+root)
 		out, err := cmd.CombinedOutput()
 		t.Logf("install.sh %s:\n%s", args, out)
+		return string(out), err
+	}
+	oneLiner := func(args string) string {
+		t.Helper()
+		out, err := run(root, args)
 		if err != nil {
 			t.Fatalf("install.sh: %v", err)
 		}
-		return string(out)
+		return out
 	}
 	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, "hello from an installed device")
@@ -141,5 +147,25 @@ func TestInstallFromRelay(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(root, firmware.EnvFilePath)); !bytes.Equal(b, envFile) {
 		t.Errorf("the upgrade changed agent.env:\n%s\nwas:\n%s", b, envFile)
+	}
+
+	// A relay whose disk was tampered with serves a binary that differs
+	// from the signed manifest: the script refuses it.
+	cached := filepath.Join(cacheDir, "v1.1.0", "tether-agent-linux-"+arch)
+	b, err := os.ReadFile(cached)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0xff
+	if err := os.WriteFile(cached, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(dir, "other")
+	out, err = run(other, "--token "+e.Token(1)+" --services web=http://127.0.0.1:1 --relay-ca "+ca+" --wait 0")
+	if err == nil || !strings.Contains(out, "does not match the signed manifest's sha256: refusing to install it") {
+		t.Fatalf("a tampered binary from the relay: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(other, firmware.BinaryPath)); err == nil {
+		t.Fatal("the tampered binary was installed")
 	}
 }
