@@ -21,6 +21,14 @@ import (
 // writeTimeout bounds every frame the relay writes to an agent.
 const writeTimeout = 10 * time.Second
 
+// An agent registers its services once per session, and again when they
+// change: more than registerBurst registrations within registerWindow
+// end the session (each one is a write on the control plane).
+const (
+	registerBurst  = 10
+	registerWindow = 10 * time.Second
+)
+
 // controlQueueLen bounds the control frames waiting for a session's
 // writer. A healthy agent reads them at once: a heartbeat ack per
 // heartbeat, now and then new leases, one drain notice, one error.
@@ -58,6 +66,8 @@ type session struct {
 
 	upd sessionUpdates // agent updates (update.go)
 
+	regBurst    int              // registrations since regSince (the control loop's own)
+	regSince    time.Time        // start of the current registration window
 	regMu       sync.Mutex       // one registration at a time; guards the two below
 	provisional bool             // admitted from the replica, not yet synced
 	pending     *frames.Register // a registration the control plane has not seen yet
@@ -437,6 +447,13 @@ func (sess *session) controlLoop() error {
 			m.heartbeats.Inc()
 			sess.send(&frames.HeartbeatAck{Seq: msg.Seq})
 		case *frames.Register:
+			if now := time.Now(); now.Sub(sess.regSince) > registerWindow {
+				sess.regSince, sess.regBurst = now, 0
+			}
+			if sess.regBurst++; sess.regBurst > registerBurst {
+				m.protocolErrors.Inc()
+				return refuse(frames.CodeBadRequest, fmt.Sprintf("more than %d registrations within %v", registerBurst, registerWindow))
+			}
 			ctx, cancel := context.WithTimeout(sess.srv.ctx, 10*time.Second)
 			out, leases, err := sess.register(ctx, msg)
 			cancel()

@@ -351,3 +351,84 @@ func childWriter(path string) {
 		fmt.Printf("acked %d\n", i)
 	}
 }
+
+// TestLeaseQuotaAndQuarantine: re-registering is idempotent; a device
+// cannot take more than MaxServices leases by renaming its services; a
+// lease in use is not released; a released name and port sit in
+// quarantine, then are leased again.
+func TestLeaseQuotaAndQuarantine(t *testing.T) {
+	c := newClock()
+	s, err := Open(Config{Path: filepath.Join(t.TempDir(), "cp.db"), Now: c.Now, MaxServices: 3, Quarantine: time.Hour,
+		TCPPorts: controlplane.PortRange{First: 20000, Last: 20002}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	register := func(k ed25519.PublicKey, svcs ...controlplane.Service) ([]controlplane.Lease, error) {
+		t.Helper()
+		c.Add(time.Minute) // a new session, not a clone's takeover
+		cr, err := s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: k, RelayID: "r1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.Register(t.Context(), controlplane.RegisterRequest{DeviceID: cr.DeviceID, Generation: cr.Generation, Services: svcs})
+	}
+	tcp := func(name string) controlplane.Service { return controlplane.Service{Name: name, Proto: "tcp"} }
+	k := enrolled(t, s, "pi01")
+	web := controlplane.Service{Name: "web", Proto: "http"}
+	first, err := register(k, web, tcp("ssh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 { // idempotent
+		if again, err := register(k, web, tcp("ssh")); err != nil || again[0].Hostname != first[0].Hostname || again[1].Port != first[1].Port {
+			t.Fatalf("re-register: %+v %v, first %+v", again, err, first)
+		}
+	}
+	if _, err := register(k, tcp("a")); err != nil {
+		t.Fatalf("third lease: %v", err)
+	}
+	_, err = register(k, tcp("b"))
+	wantKind(t, err, controlplane.KindInvalid)
+	if !strings.Contains(err.Error(), "at most 3") {
+		t.Fatalf("over quota: %v", err)
+	}
+	if all, _ := s.Leases(t.Context()); len(all) != 3 {
+		t.Fatalf("%d leases after the refusal, want 3", len(all))
+	}
+	_, err = register(k, tcp("a"), tcp("b"), tcp("c"), tcp("d"))
+	wantKind(t, err, controlplane.KindInvalid)
+
+	// a is registered by the online session: in use. web and ssh are not.
+	if _, err := register(k, tcp("a")); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.ReleaseLease(t.Context(), "20001")
+	wantKind(t, err, controlplane.KindConflict)
+	_, err = s.ReleaseLease(t.Context(), "nope")
+	wantKind(t, err, controlplane.KindNotFound)
+	if l, err := s.ReleaseLease(t.Context(), "web-pi01"); err != nil || l.Service != "web" {
+		t.Fatalf("release web-pi01: %+v %v", l, err)
+	}
+	if l, err := s.ReleaseLease(t.Context(), "20000"); err != nil || l.Service != "ssh" {
+		t.Fatalf("release 20000: %+v %v", l, err)
+	}
+	// In quarantine: nobody gets them, the device that held them neither.
+	ls, err := register(k, tcp("a"), web)
+	if err != nil || ls[1].Hostname != "web-pi01-2" {
+		t.Fatalf("web again during the quarantine: %+v %v", ls, err)
+	}
+	k2, k3 := enrolled(t, s, "pi02"), enrolled(t, s, "pi03")
+	if ls, err := register(k2, tcp("ssh")); err != nil || ls[0].Port != 20002 {
+		t.Fatalf("pi02's port during the quarantine: %+v %v", ls, err)
+	}
+	_, err = register(k3, tcp("ssh"))
+	wantKind(t, err, controlplane.KindConflict) // 20000 quarantined, 20001-20002 leased
+	c.Add(2 * time.Hour)
+	if ls, err := register(k3, tcp("ssh")); err != nil || ls[0].Port != 20000 {
+		t.Fatalf("after the quarantine: %+v %v", ls, err)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+}

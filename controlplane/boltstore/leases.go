@@ -1,6 +1,7 @@
 package boltstore
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -17,6 +18,9 @@ import (
 // Register records the services of the device's current session and
 // returns a lease for each: the same names as before where it had them.
 func (s *Store) Register(ctx context.Context, req controlplane.RegisterRequest) ([]controlplane.Lease, error) {
+	if len(req.Services) > s.cfg.MaxServices {
+		return nil, controlplane.Errorf(controlplane.KindInvalid, "%d services; a device may have at most %d (TETHER_MAX_SERVICES)", len(req.Services), s.cfg.MaxServices)
+	}
 	seen := map[string]bool{}
 	var legacy []controlplane.Service
 	for _, svc := range req.Services {
@@ -46,6 +50,9 @@ func (s *Store) Register(ctx context.Context, req controlplane.RegisterRequest) 
 			} else if !ok || l.Proto != svc.Proto {
 				return controlplane.ValidService(svc) // a new name of the old grammar: refused
 			}
+		}
+		if err := s.checkQuota(tx, d, req.Services); err != nil {
+			return err
 		}
 		for _, svc := range req.Services {
 			l, err := s.lease(tx, d, svc, now)
@@ -93,7 +100,7 @@ func (s *Store) lease(tx *bolt.Tx, d controlplane.Device, svc controlplane.Servi
 	l = controlplane.Lease{DeviceID: d.ID, DeviceName: d.Name, Service: svc.Name, Proto: svc.Proto, CreatedAt: now}
 	switch svc.Proto {
 	case controlplane.ProtoHTTP:
-		label, err := freeHostname(tx.Bucket(bucketHostnames), tx.Bucket(bucketReserved), svc.Name+"-"+d.Name)
+		label, err := s.freeHostname(tx, svc.Name+"-"+d.Name, now)
 		if err != nil {
 			return l, err
 		}
@@ -102,7 +109,7 @@ func (s *Store) lease(tx *bolt.Tx, d controlplane.Device, svc controlplane.Servi
 			return l, err
 		}
 	case controlplane.ProtoTCP:
-		port, err := s.freePort(tx.Bucket(bucketPorts))
+		port, err := s.freePort(tx, now)
 		if err != nil {
 			return l, err
 		}
@@ -127,36 +134,40 @@ func (s *Store) release(tx *bolt.Tx, l controlplane.Lease) error {
 }
 
 // freeHostname returns label, or label-2, label-3..., the first that is
-// neither leased nor reserved.
-func freeHostname(leased, reserved *bolt.Bucket, label string) (string, error) {
+// neither leased, nor reserved, nor in quarantine.
+func (s *Store) freeHostname(tx *bolt.Tx, label string, now time.Time) (string, error) {
+	leased, reserved := tx.Bucket(bucketHostnames), tx.Bucket(bucketReserved)
 	for i := 1; i < 100000; i++ {
 		cand := label
 		if i > 1 {
 			sfx := "-" + strconv.Itoa(i)
 			cand = label[:min(len(label), 63-len(sfx))] + sfx
 		}
-		if leased.Get([]byte(cand)) == nil && reserved.Get([]byte(cand)) == nil {
+		if leased.Get([]byte(cand)) == nil && reserved.Get([]byte(cand)) == nil && !quarantined(tx, hostKey(cand), now) {
 			return cand, nil
 		}
 	}
 	return "", controlplane.Errorf(controlplane.KindConflict, "no free hostname for %s", label)
 }
 
-// freePort returns the lowest port of the range without a lease.
-func (s *Store) freePort(b *bolt.Bucket) (uint16, error) {
-	want := s.cfg.TCPPorts.First
-	c := b.Cursor()
-	for k, _ := c.Seek(portKey(want)); k != nil; k, _ = c.Next() {
-		p := binary.BigEndian.Uint16(k)
-		if p != want || want == s.cfg.TCPPorts.Last {
+// freePort returns the lowest port of the range neither leased nor in
+// quarantine.
+func (s *Store) freePort(tx *bolt.Tx, now time.Time) (uint16, error) {
+	b := tx.Bucket(bucketPorts)
+	for p := int(s.cfg.TCPPorts.First); p <= int(s.cfg.TCPPorts.Last); p++ {
+		// Skip the run of leased ports from p on with a cursor, not a Get each.
+		c := b.Cursor()
+		for k, _ := c.Seek(portKey(uint16(p))); k != nil && int(binary.BigEndian.Uint16(k)) == p && p <= int(s.cfg.TCPPorts.Last); k, _ = c.Next() {
+			p++
+		}
+		if p > int(s.cfg.TCPPorts.Last) {
 			break
 		}
-		want++
+		if !quarantined(tx, portQKey(uint16(p)), now) {
+			return uint16(p), nil
+		}
 	}
-	if b.Get(portKey(want)) != nil || want > s.cfg.TCPPorts.Last {
-		return 0, controlplane.Errorf(controlplane.KindConflict, "no free TCP port left in %s", s.cfg.TCPPorts)
-	}
-	return want, nil
+	return 0, controlplane.Errorf(controlplane.KindConflict, "no free TCP port left in %s", s.cfg.TCPPorts)
 }
 
 func portKey(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
@@ -246,4 +257,96 @@ func (s *Store) Reserve(ctx context.Context, relayID string, labels []string) (l
 		return nil
 	})
 	return leased, wrap("reserve the names of relay "+relayID, err)
+}
+
+// checkQuota refuses a registration that would give the device more than
+// MaxServices leases, counting those it holds for services it no longer
+// registers: re-registering is idempotent, renaming services is not free.
+func (s *Store) checkQuota(tx *bolt.Tx, d controlplane.Device, svcs []controlplane.Service) error {
+	leases := tx.Bucket(bucketLeases)
+	held := map[string]bool{}
+	prefix := []byte(d.ID + "/")
+	c := leases.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		held[string(k[len(prefix):])] = true
+	}
+	n := len(held)
+	for _, svc := range svcs {
+		if !held[svc.Name] {
+			n++
+		}
+	}
+	if n > s.cfg.MaxServices {
+		return controlplane.Errorf(controlplane.KindInvalid,
+			"device %s would hold %d leases, at most %d (TETHER_MAX_SERVICES): it holds %d, some for services it no longer registers; free them with tetherctl lease release",
+			d.Name, n, s.cfg.MaxServices, len(held))
+	}
+	return nil
+}
+
+// quarantinedName is a released hostname or port, unleasable until Until.
+type quarantinedName struct {
+	Until    time.Time `json:"until"`
+	DeviceID string    `json:"device_id"` // who held it
+	Service  string    `json:"service"`
+}
+
+func hostKey(label string) []byte { return []byte("h:" + label) }
+func portQKey(p uint16) []byte    { return append([]byte("p:"), portKey(p)...) }
+
+// quarantined reports whether key (hostKey or portQKey) is in quarantine
+// at now.
+func quarantined(tx *bolt.Tx, key []byte, now time.Time) bool {
+	var q quarantinedName
+	ok, err := getJSON(tx.Bucket(bucketQuarantine), key, &q)
+	return err != nil || ok && now.Before(q.Until) // unreadable: keep it out of use
+}
+
+// ReleaseLease frees a lease, named by its hostname label or its port:
+// nobody holds it any more, and nobody may take it for Quarantine. A
+// lease its device uses now (online, the service registered) is not
+// released: stop the service first, or revoke the device. It returns the
+// released lease.
+func (s *Store) ReleaseLease(ctx context.Context, name string) (controlplane.Lease, error) {
+	now := s.cfg.Now().UTC()
+	var l controlplane.Lease
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		var key []byte
+		if p, err := strconv.ParseUint(name, 10, 16); err == nil {
+			key = tx.Bucket(bucketPorts).Get(portKey(uint16(p)))
+		} else {
+			key = tx.Bucket(bucketHostnames).Get([]byte(name))
+		}
+		if key == nil {
+			return controlplane.Errorf(controlplane.KindNotFound, "no lease %s", name)
+		}
+		if ok, err := getJSON(tx.Bucket(bucketLeases), key, &l); err != nil {
+			return err
+		} else if !ok {
+			return controlplane.Errorf(controlplane.KindNotFound, "no lease %s", name)
+		}
+		var d controlplane.Device
+		if _, err := getJSON(tx.Bucket(bucketDevices), []byte(l.DeviceID), &d); err != nil {
+			return err
+		}
+		if d.Online && !d.Revoked && slices.ContainsFunc(d.Services, func(s controlplane.Service) bool { return s.Name == l.Service }) {
+			return controlplane.Errorf(controlplane.KindConflict, "lease %s is in use by service %s of device %s, online now: stop the service on the device, or revoke the device, first", name, l.Service, d.Name)
+		}
+		q := quarantinedName{Until: now.Add(s.cfg.Quarantine), DeviceID: l.DeviceID, Service: l.Service}
+		if l.Hostname != "" {
+			if err := putJSON(tx.Bucket(bucketQuarantine), hostKey(l.Hostname), q); err != nil {
+				return err
+			}
+		}
+		if l.Port != 0 {
+			if err := putJSON(tx.Bucket(bucketQuarantine), portQKey(l.Port), q); err != nil {
+				return err
+			}
+		}
+		if err := s.release(tx, l); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketLeases).Delete(key)
+	})
+	return l, wrap("release lease "+name, err)
 }

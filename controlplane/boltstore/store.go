@@ -3,6 +3,7 @@
 package boltstore
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,24 +23,32 @@ type Config struct {
 	// LockTimeout bounds the wait for the file lock held by another
 	// process. Zero means 1s.
 	LockTimeout time.Duration
+	// MaxServices caps the leases one device holds (hostnames and TCP
+	// ports, those of services it no longer registers included): beyond
+	// it Register is refused, never the fleet's pool taken. Zero means 32.
+	MaxServices int
+	// Quarantine is how long a released hostname or port stays unleased
+	// before anyone may take it. Zero means 7 days.
+	Quarantine time.Duration
 	// Now is the clock. Nil means time.Now.
 	Now func() time.Time
 }
 
 var (
-	bucketDevices   = []byte("devices")   // device ID → Device JSON
-	bucketNames     = []byte("names")     // device name → device ID
-	bucketTokens    = []byte("tokens")    // hex sha256(token) → Token JSON
-	bucketLeases    = []byte("leases")    // deviceID/service → Lease JSON
-	bucketHostnames = []byte("hostnames") // hostname label → lease key
-	bucketPorts     = []byte("ports")     // big-endian port → lease key
-	bucketMeta      = []byte("meta")      // "schema" → version
-	bucketReserved  = []byte("reserved")  // hostname label → ID of the relay whose own name it is
-	bucketReleases  = []byte("releases")  // version → ReleaseRecord JSON (releases.go)
-	bucketRollouts  = []byte("rollouts")  // "current" → Rollout JSON
-	bucketUpdates   = []byte("updates")   // version NUL device ID → UpdateReport JSON
-	allBuckets      = [][]byte{bucketDevices, bucketNames, bucketTokens, bucketLeases, bucketHostnames, bucketPorts, bucketMeta, bucketReserved,
-		bucketReleases, bucketRollouts, bucketUpdates}
+	bucketDevices    = []byte("devices")    // device ID → Device JSON
+	bucketNames      = []byte("names")      // device name → device ID
+	bucketTokens     = []byte("tokens")     // hex sha256(token) → Token JSON
+	bucketLeases     = []byte("leases")     // deviceID/service → Lease JSON
+	bucketHostnames  = []byte("hostnames")  // hostname label → lease key
+	bucketPorts      = []byte("ports")      // big-endian port → lease key
+	bucketMeta       = []byte("meta")       // "schema" → version
+	bucketReserved   = []byte("reserved")   // hostname label → ID of the relay whose own name it is
+	bucketReleases   = []byte("releases")   // version → ReleaseRecord JSON (releases.go)
+	bucketRollouts   = []byte("rollouts")   // "current" → Rollout JSON
+	bucketUpdates    = []byte("updates")    // version NUL device ID → UpdateReport JSON
+	bucketQuarantine = []byte("quarantine") // "h:"+label or "p:"+port → quarantined JSON (leases.go)
+	allBuckets       = [][]byte{bucketDevices, bucketNames, bucketTokens, bucketLeases, bucketHostnames, bucketPorts, bucketMeta, bucketReserved,
+		bucketReleases, bucketRollouts, bucketUpdates, bucketQuarantine}
 )
 
 const schemaVersion = "1"
@@ -65,6 +74,8 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.TCPPorts == (controlplane.PortRange{}) {
 		cfg.TCPPorts = controlplane.PortRange{First: 20000, Last: 29999}
 	}
+	cfg.MaxServices = cmp.Or(max(cfg.MaxServices, 0), 32)
+	cfg.Quarantine = cmp.Or(max(cfg.Quarantine, 0), 7*24*time.Hour)
 	if cfg.LockTimeout <= 0 {
 		cfg.LockTimeout = time.Second
 	}

@@ -36,6 +36,11 @@ type Config struct {
 	DataDir string
 	// TCPPorts is the range TCP leases come from. Zero means 20000-29999.
 	TCPPorts controlplane.PortRange
+	// MaxServices caps the leases of one device; Quarantine is how long a
+	// released name or port stays unleased. Zero means boltstore's
+	// defaults (32, 7 days).
+	MaxServices int
+	Quarantine  time.Duration
 	// AdminToken guards the admin API. Empty means: read
 	// <DataDir>/admin-token, generating it on first start.
 	AdminToken string
@@ -124,7 +129,8 @@ func Start(ctx context.Context, nc *nats.Conn, cfg Config) (_ *Daemon, err error
 			d.active.Release()
 		}
 	}()
-	store, err := boltstore.Open(boltstore.Config{Path: filepath.Join(cfg.DataDir, "controlplane.db"), TCPPorts: cfg.TCPPorts})
+	store, err := boltstore.Open(boltstore.Config{Path: filepath.Join(cfg.DataDir, "controlplane.db"), TCPPorts: cfg.TCPPorts,
+		MaxServices: cfg.MaxServices, Quarantine: cfg.Quarantine})
 	if err != nil {
 		return nil, err
 	}

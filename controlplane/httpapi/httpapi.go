@@ -54,6 +54,9 @@ type Cluster interface {
 	Revoke(ctx context.Context, nameOrID string) (controlplane.RevokeResult, error)
 	// Relays lists the live relays.
 	Relays() []controlplane.RelayInfo
+	// ReleaseLease frees a lease (hostname label or port) into
+	// quarantine and tells the relays.
+	ReleaseLease(ctx context.Context, name string) (controlplane.Lease, error)
 }
 
 // Config configures the admin API.
@@ -106,6 +109,7 @@ func Handler(cfg Config) http.Handler {
 	mux.HandleFunc("GET /v1/leases", a.leases)
 	mux.HandleFunc("GET /v1/relays", func(w http.ResponseWriter, r *http.Request) { a.reply(w, r)(cfg.Cluster.Relays(), nil) })
 	a.releaseRoutes(mux)
+	a.leaseRoutes(mux)
 	return a.auth(mux)
 }
 

@@ -52,6 +52,8 @@ type Store interface {
 	Device(ctx context.Context, nameOrID string) (controlplane.Device, error)
 	// Revoke revokes a device by name or ID.
 	Revoke(ctx context.Context, nameOrID string) (controlplane.Device, error)
+	// ReleaseLease frees a lease (hostname label or port) into quarantine.
+	ReleaseLease(ctx context.Context, name string) (controlplane.Lease, error)
 	// Reserve keeps a relay's own hostname labels from ever being leased
 	// and returns those already leased.
 	Reserve(ctx context.Context, relayID string, labels []string) ([]controlplane.Lease, error)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"cmp"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/tetherfleet/tether/agent/bootenv"
 	"github.com/tetherfleet/tether/frames"
-	"github.com/tetherfleet/tether/frames/cli"
 )
 
 // provision runs before the settings are parsed. `tether-agent provision`
@@ -21,27 +19,22 @@ import (
 // other start consumes it too when it can (an agent run without systemd),
 // then takes the provisioned settings its environment leaves unset or
 // empty: /etc/tether/agent.env wins over the card.
-func provision(args []string, stdout io.Writer, stderr *os.File) (done bool, err error) {
-	sub := len(args) > 0 && args[0] == "provision"
-	if sub {
-		args = args[1:]
+func provision(args []string, stdout, stderr io.Writer) (done bool, err error) {
+	for _, a := range args {
+		if a == "-h" || a == "--help" || a == "-help" || a == "--version" || a == "-version" {
+			return false, nil
+		}
 	}
-	if setting(args, "help", "") != "" || setting(args, "h", "") != "" || setting(args, "version", "") != "" {
-		return false, nil // the settings' parse prints them
-	}
-	log, err := cli.Logger(stderr, cmp.Or(setting(args, "log-format", "TETHER_LOG_FORMAT"), "auto"),
-		cmp.Or(setting(args, "log-level", "TETHER_LOG_LEVEL"), "info"))
-	if err != nil {
-		log = slog.New(slog.NewTextHandler(stderr, nil)) // the settings' parse says why
-	}
-	stateDir := setting(args, "state-dir", "TETHER_STATE_DIR")
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	stateDir := os.Getenv("TETHER_STATE_DIR")
 	if stateDir == "" {
 		stateDir = defaultStateDir()
 	}
 	var dirs []string
-	if d := setting(args, "boot-dirs", "TETHER_BOOT_DIRS"); d != "" {
+	if d := os.Getenv("TETHER_BOOT_DIRS"); d != "" {
 		dirs = strings.Split(d, ",")
 	}
+	sub := len(args) > 0 && args[0] == "provision"
 	res, err := bootenv.Consume(bootenv.Config{BootDirs: dirs, StateDir: stateDir, Logger: log})
 	if sub {
 		switch {
@@ -69,31 +62,6 @@ func provision(args []string, stdout io.Writer, stderr *os.File) (done bool, err
 		}
 	}
 	return false, nil
-}
-
-// setting returns a flag's value in args (--name V, --name=V; a flag
-// alone is "true"), else the variable env's: provisioning runs before
-// the settings are parsed, by the same rules.
-func setting(args []string, flag, env string) string {
-	for i, a := range args {
-		if !strings.HasPrefix(a, "-") {
-			break
-		}
-		key, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		switch {
-		case key != flag:
-		case hasVal:
-			return val
-		case i+1 < len(args) && !strings.HasPrefix(args[i+1], "-"):
-			return args[i+1]
-		default:
-			return "true"
-		}
-	}
-	if env == "" {
-		return ""
-	}
-	return os.Getenv(env)
 }
 
 func orDefault(dirs []string) []string {

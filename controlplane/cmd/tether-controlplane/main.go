@@ -48,6 +48,8 @@ type spec struct {
 	DataDir          string        `split_words:"true" default:"./tether-data" desc:"controlplane.db, the cluster CA (ca.pem: agents trust it) and generated secrets"`
 	Domain           string        `split_words:"true" default:"localhost" desc:"base domain, shown in lease listings"`
 	TCPPorts         string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases"`
+	MaxServices      int           `split_words:"true" default:"32" desc:"leases (hostnames and TCP ports) one device may hold"`
+	LeaseQuarantine  time.Duration `split_words:"true" default:"168h" desc:"a released hostname or port is leased to nobody for this long"`
 	AdminAddr        string        `split_words:"true" default:"127.0.0.1:7070" desc:"admin API listener"`
 	AdminToken       string        `split_words:"true" desc:"admin bearer token; empty: generated into <data dir>/admin-token"`
 	AdminTokenFile   string        `split_words:"true" desc:"file holding the admin token"`
@@ -104,6 +106,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	cp, err := daemon.Start(ctx, nc, daemon.Config{
 		DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken, Domain: s.Domain, Version: version,
+		MaxServices: s.MaxServices, Quarantine: s.LeaseQuarantine,
 		CertDomains: certDomains, ClaimWait: s.ClaimWait, ReleaseKeys: releaseKeys, Logger: log,
 	})
 	if err != nil {

@@ -38,6 +38,8 @@ Commands:
   relays [--json]                                         list the live relays
   revoke DEVICE                                           cut a device off cluster-wide; it cannot reconnect
                                                           (exit status 2: not yet confirmed by every live relay)
+  lease release HOSTNAME|PORT                             free a lease no service uses now; nobody may take it during
+                                                          the quarantine (TETHER_LEASE_QUARANTINE, default 7 days)
   provision --token T --relay URL --services LIST [--name N] [--boot DIR]
                                                           write tether.env for a device's SD card (no control plane needed)
   release keygen [--dir DIR]                              make a release signing key pair (tether-release.key, .pub)
@@ -140,6 +142,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return list(ctx, rest, stdout, "releases", c.Releases, printReleases)
 	case "rollout":
 		return rolloutCmd(ctx, c, rest, stdout, stderr)
+	case "lease":
+		if len(rest) != 2 || rest[0] != "release" {
+			return errors.New("usage: tetherctl lease release HOSTNAME|PORT")
+		}
+		l, err := c.ReleaseLease(ctx, rest[1])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "released %s (service %s of device %s); in quarantine before anyone may take it\n", leaseName(l), l.Service, l.DeviceName)
+		return nil
 	case "revoke":
 		if len(rest) != 1 {
 			return errors.New("usage: tetherctl revoke DEVICE")
@@ -244,10 +256,7 @@ func printLeases(w io.Writer, ls []controlplane.Lease) {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "HOSTNAME/PORT\tDEVICE\tSERVICE\tPROTO\tRELAY\tONLINE\tNOTE")
 	for _, l := range ls {
-		name := l.Hostname
-		if l.Port != 0 {
-			name = fmt.Sprintf("port %d", l.Port)
-		}
+		name := leaseName(l)
 		note := ""
 		if len(l.UnboundOn) > 0 {
 			note = "unbound on " + strings.Join(l.UnboundOn, ", ")
@@ -255,6 +264,14 @@ func printLeases(w io.Writer, ls []controlplane.Lease) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%s\n", name, l.DeviceName, l.Service, l.Proto, dash(l.Relay), l.Online, dash(note))
 	}
 	tw.Flush()
+}
+
+// leaseName is a lease's hostname, or "port N".
+func leaseName(l controlplane.Lease) string {
+	if l.Port != 0 {
+		return fmt.Sprintf("port %d", l.Port)
+	}
+	return l.Hostname
 }
 
 func printRelays(w io.Writer, rs []controlplane.RelayInfo) {

@@ -34,6 +34,10 @@ func (c *cluster) Revoke(ctx context.Context, nameOrID string) (controlplane.Rev
 	return controlplane.RevokeResult{Device: d, Confirmed: c.confirmed, Pending: c.pending, Undelivered: c.undelivered}, err
 }
 
+func (c *cluster) ReleaseLease(ctx context.Context, name string) (controlplane.Lease, error) {
+	return c.store.ReleaseLease(ctx, name)
+}
+
 // admin serves the admin API over a store with one device, pi01, whose
 // ssh service holds port 20000.
 func admin(t *testing.T) (*cluster, []string) {
@@ -136,5 +140,25 @@ func TestRelays(t *testing.T) {
 	var rs []controlplane.RelayInfo
 	if err != nil || json.Unmarshal([]byte(out), &rs) != nil || len(rs) != 1 || rs[0].Sessions != 12 {
 		t.Fatalf("relays --json: %v\n%s", err, out)
+	}
+}
+
+// TestLeaseRelease: a lease in use is not released, and says why; once
+// its device is revoked, it is.
+func TestLeaseRelease(t *testing.T) {
+	_, flags := admin(t)
+	out, err := ctl(t, flags, "lease", "release", "20000")
+	if err == nil || !strings.Contains(err.Error(), "in use by service ssh of device pi01") {
+		t.Fatalf("release of a lease in use: %v\n%s", err, out)
+	}
+	if out, err := ctl(t, flags, "revoke", "pi01"); err != nil && !strings.Contains(out, "revoked pi01") {
+		t.Fatalf("revoke: %v\n%s", err, out)
+	}
+	out, err = ctl(t, flags, "lease", "release", "20000")
+	if err != nil || !strings.Contains(out, "released port 20000 (service ssh of device pi01)") {
+		t.Fatalf("release after the revocation: %v\n%s", err, out)
+	}
+	if _, err := ctl(t, flags, "lease", "release"); err == nil {
+		t.Fatal("usage not checked")
 	}
 }

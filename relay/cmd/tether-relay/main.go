@@ -49,6 +49,8 @@ type spec struct {
 	TLSCert          string        `split_words:"true" desc:"certificate file (PEM); empty: the relay issues its own under the cluster CA (agents trust <data dir>/ca.pem)"`
 	TLSKey           string        `split_words:"true" desc:"key file of TLS_CERT"`
 	TCPPorts         string        `split_words:"true" default:"20000-29999" desc:"port range for TCP leases (each relay listens on every leased port)"`
+	MaxServices      int           `split_words:"true" default:"32" desc:"leases (hostnames and TCP ports) one device may hold (standalone only)"`
+	LeaseQuarantine  time.Duration `split_words:"true" default:"168h" desc:"a released hostname or port is leased to nobody for this long (standalone only)"`
 	TCPHost          string        `split_words:"true" desc:"address TCP lease listeners bind; empty: all interfaces"`
 	DataDir          string        `split_words:"true" default:"./tether-data" desc:"relay.db (what the relay knows of the cluster), its certificates, the cluster root ca.pem; standalone also the control plane's files"`
 	NATSURL          string        `envconfig:"NATS_URL" desc:"external NATS server(s), comma-separated (cluster mode); empty: embedded NATS and control plane"`
@@ -170,6 +172,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		// The embedded NATS server is this process's own: no other control
 		// plane can be on it, so there is nothing to listen for.
 		cp, err = daemon.Start(context.Background(), cpNC, daemon.Config{DataDir: s.DataDir, TCPPorts: ports, AdminToken: s.AdminToken,
+			MaxServices: s.MaxServices, Quarantine: s.LeaseQuarantine,
 			Domain: s.Domain, Version: version, ClaimWait: time.Millisecond, ReleaseKeys: keys, Logger: log.With("component", "controlplane")})
 		if err != nil {
 			return err
