@@ -28,12 +28,12 @@ cluster: ## start a cluster here: real NATS, a control plane, 3 relays on 127.0.
 	$(GO) build -o bin/tether-cluster ./relay/cmd/tether-cluster
 	./bin/tether-cluster
 
-tools: ## install what the tests need (Debian): qemu-user-static for the ARM smoke test, shellcheck for install.sh, minisign to check release signatures
-	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v shellcheck >/dev/null && command -v minisign >/dev/null; then :; \
+tools: ## install what the tests need (Debian): qemu-user-static for the ARM smoke test, shellcheck, busybox and curl for install.sh, minisign to check release signatures
+	@if command -v qemu-arm-static >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v shellcheck >/dev/null && command -v minisign >/dev/null && command -v busybox >/dev/null && command -v curl >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing qemu-user-static shellcheck minisign"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static shellcheck minisign >/dev/null; \
-	else echo "make tools: install qemu-user-static, shellcheck and minisign (as root) to run the ARM smoke test and check install.sh and release signatures"; fi
+	  echo "installing qemu-user-static shellcheck minisign busybox curl"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static shellcheck minisign busybox curl >/dev/null; \
+	else echo "make tools: install qemu-user-static, shellcheck, minisign, busybox and curl (as root) to run the ARM smoke test and check install.sh and release signatures"; fi
 
 test: tools ## go vet, then every test with the race detector (what CI runs), and the patched smux copy's own tests
 	$(GO) vet ./...
