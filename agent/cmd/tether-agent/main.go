@@ -46,7 +46,9 @@ var crashAtStart string
 
 const about = `tether-agent: publishes this device's local services through a Tether relay over one
 outbound wss:// connection. First start: set TETHER_ENROLL_TOKEN; the device key is made here and
-kept in TETHER_STATE_DIR (mode 0600); later starts need no token.`
+kept in TETHER_STATE_DIR (mode 0600); later starts need no token. Updates offered by the relay are
+taken only when signed by TETHER_RELEASE_KEYS; "tether-agent preflight" (systemd runs it from
+tether-agent.prev before each start) puts the previous binary back if a new one does not come up.`
 
 type spec struct {
 	RelayURL          string        `split_words:"true" required:"true" desc:"wss://relay.example.com (comma-separated: failover candidates)"`
