@@ -145,6 +145,7 @@ func TestUpdateOfferAndFetch(t *testing.T) {
 	if _, err := release.Verify(o.Manifest, o.Signature, key.Keys); err != nil {
 		t.Fatalf("offer does not verify: %v", err)
 	}
+	ra.KeepAlive(t) // downloads under -race outlast three heartbeat intervals
 
 	for _, off := range []int{0, 1000, len(binary)} {
 		st, m := fetch(t, ra, &frames.Fetch{Version: "v2.0.0", Arch: "amd64", Offset: uint64(off)})
