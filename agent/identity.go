@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 // identity is the device's key and enrollment record.
@@ -184,9 +185,10 @@ func (a *Agent) enroll(ctx context.Context, url string, req frames.EnrollRequest
 	return out, nil
 }
 
-// loadOrCreateKey loads the device key, generating it (mode 0600) on first use.
+// loadOrCreateKey loads the device key, generating it (mode 0600) on first
+// use. A key others may read is refused (secretfile).
 func loadOrCreateKey(path string) (*identity, error) {
-	data, err := os.ReadFile(path)
+	data, err := secretfile.Read(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		_, priv, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {
@@ -197,14 +199,11 @@ func loadOrCreateKey(path string) (*identity, error) {
 			return nil, err
 		}
 		data = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
-		if err := writeFileAtomic(path, data, 0o600); err != nil {
+		if err := secretfile.Write(path, data); err != nil {
 			return nil, fmt.Errorf("save device key: %w", err)
 		}
 	} else if err != nil {
 		return nil, fmt.Errorf("read device key: %w", err)
-	}
-	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("device key %s is readable by others (mode %v); chmod 600 it", path, fi.Mode().Perm())
 	}
 	block, _ := pem.Decode(data)
 	if block == nil {

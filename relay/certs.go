@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 // Files a relay keeps its certificates in, in its data dir. The root is
@@ -120,6 +121,9 @@ func LoadCerts(ctx context.Context, cfg CertConfig) (*Certs, error) {
 			return nil, fmt.Errorf("relay certificates: %w", err)
 		}
 		kept, kerr := loadKept(cfg.DataDir, cfg.Public)
+		if insecure := (*secretfile.InsecureError)(nil); errors.As(kerr, &insecure) {
+			return nil, fmt.Errorf("relay certificates: the control plane is unreachable (%w) and the kept key is not private: %w", err, kerr)
+		}
 		if kerr == nil {
 			log.Warn("control plane unreachable: using the certificates kept in the data dir", "dir", cfg.DataDir, "err", err)
 			m = kept
@@ -219,7 +223,11 @@ func (m *material) keep(dir string) error {
 		files = append(files, file{rootFile, root, 0o644})
 	}
 	for _, f := range files {
-		if err := writeFile(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+		write := func(path string, data []byte) error { return writeFile(path, data, f.mode) }
+		if f.mode == 0o600 {
+			write = secretfile.Write
+		}
+		if err := write(filepath.Join(dir, f.name), f.data); err != nil {
 			return fmt.Errorf("keep relay certificates: %w", err)
 		}
 	}
@@ -228,7 +236,12 @@ func (m *material) keep(dir string) error {
 
 // loadKept loads the material an earlier start kept in dir.
 func loadKept(dir string, public bool) (*material, error) {
-	read := func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, name)) }
+	read := func(name string) ([]byte, error) {
+		if name == peerKeyFile || name == intermediateKeyFile {
+			return secretfile.Read(filepath.Join(dir, name)) // refused when others may read it
+		}
+		return os.ReadFile(filepath.Join(dir, name))
+	}
 	rootPEM, err := read(rootFile)
 	if err != nil {
 		return nil, err

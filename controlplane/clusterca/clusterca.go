@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 // PeerDomain is the domain of relays' peer names: relay ID r is
@@ -69,7 +70,7 @@ type CA struct {
 func LoadOrCreate(dir string) (*CA, error) {
 	certPath, keyPath := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca-key.pem")
 	certPEM, certErr := os.ReadFile(certPath)
-	keyPEM, keyErr := os.ReadFile(keyPath)
+	keyPEM, keyErr := secretfile.Read(keyPath) // refused when others may read it
 	switch {
 	case certErr == nil && keyErr == nil:
 		ca, err := parse(certPEM, keyPEM)
@@ -115,7 +116,7 @@ func LoadOrCreate(dir string) (*CA, error) {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
 	// The key first: a ca.pem without its key would be loaded as broken.
-	if err := os.WriteFile(keyPath, keyPEM, 0o600); err != nil {
+	if err := secretfile.Write(keyPath, keyPEM); err != nil {
 		return nil, fmt.Errorf("write cluster CA key: %w", err)
 	}
 	if err := os.WriteFile(certPath, certPEM, 0o644); err != nil {

@@ -26,6 +26,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane/natsapi"
 	"github.com/tetherfleet/tether/controlplane/rollout"
 	"github.com/tetherfleet/tether/firmware/release"
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 // Config configures a control plane.
@@ -166,9 +167,9 @@ func (d *Daemon) Close() error {
 }
 
 // loadOrCreateSecret reads a secret file, or creates it (0600) with a new
-// random secret.
+// random secret. A file others may read is refused (secretfile).
 func loadOrCreateSecret(path string) (string, bool, error) {
-	b, err := os.ReadFile(path)
+	b, err := secretfile.Read(path)
 	if err == nil {
 		if s := strings.TrimSpace(string(b)); s != "" {
 			return s, false, nil
@@ -179,7 +180,7 @@ func loadOrCreateSecret(path string) (string, bool, error) {
 	raw := make([]byte, 24)
 	rand.Read(raw)
 	s := "tta_" + hex.EncodeToString(raw)
-	if err := os.WriteFile(path, []byte(s+"\n"), 0o600); err != nil {
+	if err := secretfile.Write(path, []byte(s+"\n")); err != nil {
 		return "", false, fmt.Errorf("write admin token: %w", err)
 	}
 	return s, true, nil

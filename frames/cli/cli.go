@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 // Prefix starts every environment variable.
@@ -370,12 +371,13 @@ func WarnUnknown(log *slog.Logger, us []Unknown) {
 
 // Secret returns value, or the trimmed contents of file when value is
 // empty and file is set (TETHER_X_FILE, as containers and systemd
-// credentials provide secrets).
+// credentials provide secrets). A file others may read is refused
+// (secretfile.ReadShared: its group may read it, as secret stores mount).
 func Secret(value, file string) (string, error) {
 	if value != "" || file == "" {
 		return value, nil
 	}
-	b, err := os.ReadFile(file)
+	b, err := secretfile.ReadShared(file)
 	if err != nil {
 		return "", fmt.Errorf("read secret file: %w", err)
 	}

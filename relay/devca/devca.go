@@ -22,6 +22,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 // CA is a loaded development CA.
@@ -37,7 +39,7 @@ type CA struct {
 func LoadOrCreate(dir string) (*CA, error) {
 	certPath, keyPath := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca-key.pem")
 	certPEM, err1 := os.ReadFile(certPath)
-	keyPEM, err2 := os.ReadFile(keyPath)
+	keyPEM, err2 := secretfile.Read(keyPath)
 	if err1 == nil && err2 == nil {
 		ca, err := parse(certPEM, keyPEM)
 		if err != nil {
@@ -77,7 +79,7 @@ func LoadOrCreate(dir string) (*CA, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(keyPath, keyPEM, 0o600); err != nil {
+	if err := secretfile.Write(keyPath, keyPEM); err != nil {
 		return nil, fmt.Errorf("write dev CA key: %w", err)
 	}
 	if err := os.WriteFile(certPath, certPEM, 0o644); err != nil {
