@@ -125,7 +125,7 @@ env_value() {
 
 remove_user() {
 	if [ -n "$root" ]; then
-		for f in "$root/etc/passwd" "$root/etc/group"; do
+		for f in "$root/etc/passwd" "$root/etc/group" "$root/etc/shadow" "$root/etc/gshadow"; do
 			if [ -f "$f" ] && grep -q "^$user:" "$f"; then
 				grep -v "^$user:" "$f" >"$f.tether-tmp" || true
 				cat "$f.tether-tmp" >"$f"
@@ -145,7 +145,10 @@ uninstall() {
 	if use_systemd; then
 		systemctl disable --now tether-agent.service >/dev/null 2>&1 || true
 	fi
-	rm -f "$unit_file"
+	if [ -n "$root" ] && have systemctl; then
+		systemctl --root="$root" disable tether-agent.service >/dev/null 2>&1 || true
+	fi
+	rm -f "$unit_file" "$root/etc/systemd/system/multi-user.target.wants/tether-agent.service"
 	if use_systemd; then
 		systemctl daemon-reload || true
 	fi
@@ -175,7 +178,13 @@ fi
 [ -n "$keys" ] || keys=$(env_value TETHER_RELEASE_KEYS)
 [ -n "$keys" ] || die "no release key: pass --release-keys RW... (the relay fills it in when it serves /install.sh)"
 [ -n "$services" ] || services=$(env_value TETHER_SERVICES)
-[ -n "$services" ] || die "no services: pass --services web=http://127.0.0.1:8080 (or ssh=tcp://127.0.0.1:22, comma-separated)"
+# An image built with TETHER_INSTALL_ROOT may leave the services and the
+# token to each card's tether.env (tetherctl provision).
+card_note="the device then needs a tether.env on its boot partition (tetherctl provision)"
+if [ -z "$services" ]; then
+	[ -n "$root" ] || die "no services: pass --services web=http://127.0.0.1:8080 (or ssh=tcp://127.0.0.1:22, comma-separated)"
+	say "no --services: $card_note"
+fi
 [ -n "$name" ] || name=$(env_value TETHER_DEVICE_NAME)
 
 relay=${relay%/}
@@ -210,7 +219,8 @@ fi
 enrolled=0
 [ -f "$state_dir/device.json" ] && enrolled=1
 if [ -z "$token" ] && [ "$enrolled" = 0 ] && [ ! -s "$token_file" ]; then
-	die "this device is not enrolled: pass --token tth_... (tetherctl token create)"
+	[ -n "$root" ] || die "this device is not enrolled: pass --token tth_... (tetherctl token create)"
+	say "no --token: $card_note"
 fi
 
 # --- architecture -----------------------------------------------------------
@@ -413,6 +423,12 @@ ensure_user() {
 		if ! grep -q "^$user:" "$root/etc/passwd"; then
 			echo "$user:x:$(next_id "$root/etc/passwd"):$gid:Tether agent:$dev_state_dir:/usr/sbin/nologin" >>"$root/etc/passwd"
 		fi
+		if [ -f "$root/etc/shadow" ] && ! grep -q "^$user:" "$root/etc/shadow"; then
+			echo "$user:!::::::" >>"$root/etc/shadow"
+		fi
+		if [ -f "$root/etc/gshadow" ] && ! grep -q "^$user:" "$root/etc/gshadow"; then
+			echo "$user:!::" >>"$root/etc/gshadow"
+		fi
 		uid=$(grep "^$user:" "$root/etc/passwd" | cut -d: -f3)
 		owner=$uid:$gid
 		[ "$(id -u)" = 0 ] || owner=
@@ -469,7 +485,7 @@ fi
 {
 	echo "# Tether agent settings, written by install.sh (tether-agent --help lists them all)."
 	echo "TETHER_RELAY_URL=$wss"
-	echo "TETHER_SERVICES=$services"
+	[ -z "$services" ] || echo "TETHER_SERVICES=$services"
 	[ -z "$name" ] || echo "TETHER_DEVICE_NAME=$name"
 	echo "TETHER_RELEASE_KEYS=$keys"
 	[ ! -s "$token_file" ] || echo "TETHER_ENROLL_TOKEN_FILE=$dev_token_file"
@@ -501,7 +517,11 @@ print_urls() {
 
 if ! use_systemd; then
 	if [ -n "$root" ]; then
-		say "installed under $root (TETHER_INSTALL_ROOT): not starting anything"
+		# Offline: links in the root's /etc only (an image's first boot starts it).
+		if have systemctl; then
+			systemctl --root="$root" enable tether-agent.service >/dev/null 2>&1 || true
+		fi
+		say "installed under $root (TETHER_INSTALL_ROOT): enabled, not started"
 	else
 		say "no systemd here: run /opt/tether-agent/tether-agent as $user with the settings in /etc/tether/agent.env from your init system"
 	fi

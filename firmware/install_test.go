@@ -399,3 +399,52 @@ func TestInstallScriptArch(t *testing.T) {
 		})
 	}
 }
+
+// TestInstallScriptImage: an image built with TETHER_INSTALL_ROOT (and
+// TETHER_INSTALL_ARCH for the board) may leave the token and services to
+// each card's tether.env; the user gets shadow entries as useradd would
+// write, and --uninstall takes them all back.
+func TestInstallScriptImage(t *testing.T) {
+	need(t, "openssl")
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	bin := []byte("an armv6 agent")
+	srv.publish(makeRelease(t, key, "v1.0.0", "armv6", bin, false))
+	scriptPath := filepath.Join(t.TempDir(), "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+	in := installer{t: t, shell: []string{"sh"}, root: t.TempDir(), script: scriptPath}
+	os.MkdirAll(filepath.Join(in.root, "etc"), 0o755)
+	for name, content := range map[string]string{"passwd": "root:x:0:0::/root:/bin/sh\n", "group": "root:x:0:\n", "shadow": "root:*::::::\n", "gshadow": "root:*::\n"} {
+		writeFile(t, filepath.Join(in.root, "etc", name), []byte(content), 0o640)
+	}
+	out, err := in.run([]string{"TETHER_INSTALL_ARCH=armv6"}, "--relay-ca", srv.CAFile, "--wait", "0")
+	if err != nil || !strings.Contains(out, "needs a tether.env on its boot partition") {
+		t.Fatalf("image install: %v", err)
+	}
+	if b, _ := in.file(firmware.BinaryPath); !bytes.Equal(b, bin) {
+		t.Fatal("not the armv6 binary")
+	}
+	env, _ := in.file(firmware.EnvFilePath)
+	if strings.Contains(string(env), "TETHER_SERVICES") || strings.Contains(string(env), "TETHER_ENROLL_TOKEN_FILE") {
+		t.Errorf("agent.env names services or a token file:\n%s", env)
+	}
+	for _, f := range []string{"passwd", "group", "shadow", "gshadow"} {
+		if b, _ := in.file("etc/" + f); !strings.Contains(string(b), "\ntether:") {
+			t.Errorf("etc/%s has no tether entry:\n%s", f, b)
+		}
+	}
+	if _, err := exec.LookPath("systemctl"); err == nil && !in.exists("etc/systemd/system/multi-user.target.wants/"+firmware.UnitName) {
+		t.Error("the unit is not enabled in the image")
+	}
+	if _, err := in.run(nil, "--uninstall"); err != nil {
+		t.Fatal(err)
+	}
+	if in.exists("etc/systemd/system/multi-user.target.wants/" + firmware.UnitName) {
+		t.Error("--uninstall left the unit enabled")
+	}
+	for _, f := range []string{"passwd", "group", "shadow", "gshadow"} {
+		if b, _ := in.file("etc/" + f); strings.Contains(string(b), "tether:") {
+			t.Errorf("etc/%s keeps the tether entry:\n%s", f, b)
+		}
+	}
+}
