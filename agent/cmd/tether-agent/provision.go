@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/tetherfleet/tether/agent/bootenv"
 	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/cli"
 )
 
 // provision runs before the settings are parsed. `tether-agent provision`
@@ -19,22 +21,27 @@ import (
 // other start consumes it too when it can (an agent run without systemd),
 // then takes the provisioned settings its environment leaves unset or
 // empty: /etc/tether/agent.env wins over the card.
-func provision(args []string, stdout, stderr io.Writer) (done bool, err error) {
-	for _, a := range args {
-		if a == "-h" || a == "--help" || a == "-help" || a == "--version" || a == "-version" {
-			return false, nil
-		}
+func provision(args []string, stdout io.Writer, stderr *os.File) (done bool, err error) {
+	sub := len(args) > 0 && args[0] == "provision"
+	if sub {
+		args = args[1:]
 	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
-	stateDir := os.Getenv("TETHER_STATE_DIR")
+	if setting(args, "help", "") != "" || setting(args, "h", "") != "" || setting(args, "version", "") != "" {
+		return false, nil // the settings' parse prints them
+	}
+	log, err := cli.Logger(stderr, cmp.Or(setting(args, "log-format", "TETHER_LOG_FORMAT"), "auto"),
+		cmp.Or(setting(args, "log-level", "TETHER_LOG_LEVEL"), "info"))
+	if err != nil {
+		log = slog.New(slog.NewTextHandler(stderr, nil)) // the settings' parse says why
+	}
+	stateDir := setting(args, "state-dir", "TETHER_STATE_DIR")
 	if stateDir == "" {
 		stateDir = defaultStateDir()
 	}
 	var dirs []string
-	if d := os.Getenv("TETHER_BOOT_DIRS"); d != "" {
+	if d := setting(args, "boot-dirs", "TETHER_BOOT_DIRS"); d != "" {
 		dirs = strings.Split(d, ",")
 	}
-	sub := len(args) > 0 && args[0] == "provision"
 	res, err := bootenv.Consume(bootenv.Config{BootDirs: dirs, StateDir: stateDir, Logger: log})
 	if sub {
 		switch {
@@ -64,6 +71,31 @@ func provision(args []string, stdout, stderr io.Writer) (done bool, err error) {
 	return false, nil
 }
 
+// setting returns a flag's value in args (--name V, --name=V; a flag
+// alone is "true"), else the variable env's: provisioning runs before
+// the settings are parsed, by the same rules.
+func setting(args []string, flag, env string) string {
+	for i, a := range args {
+		if !strings.HasPrefix(a, "-") {
+			break
+		}
+		key, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		switch {
+		case key != flag:
+		case hasVal:
+			return val
+		case i+1 < len(args) && !strings.HasPrefix(args[i+1], "-"):
+			return args[i+1]
+		default:
+			return "true"
+		}
+	}
+	if env == "" {
+		return ""
+	}
+	return os.Getenv(env)
+}
+
 func orDefault(dirs []string) []string {
 	if dirs == nil {
 		return bootenv.DefaultBootDirs()
@@ -87,10 +119,18 @@ func writeLeases(log *slog.Logger, stateDir string, ls []frames.Lease) {
 		}
 	}
 	path := filepath.Join(stateDir, leasesFile)
-	tmp := path + ".tmp"
-	err := os.WriteFile(tmp, b.Bytes(), 0o600)
+	f, err := os.CreateTemp(stateDir, "."+leasesFile+".*") // 0600
 	if err == nil {
-		err = os.Rename(tmp, path)
+		_, err = f.Write(b.Bytes())
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil {
+			err = os.Rename(f.Name(), path)
+		}
+		if err != nil {
+			os.Remove(f.Name())
+		}
 	}
 	if err != nil {
 		log.Warn("record leases", "file", path, "err", err)
