@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/firmware/release"
+	"github.com/tetherfleet/tether/frames"
 )
 
 // ReleaseService is what the control plane's release endpoints serve:
@@ -98,8 +99,8 @@ var _ controlplane.Releases = (*Client)(nil)
 
 // releaseCache is the Client's cached RolloutPlan. Offers are answered
 // from it (a relay asks at each session's start and about every minute
-// per session); it is fetched again after Client.PlanTTL, after a release event,
-// and never by two callers at once.
+// per session); it is fetched again after Client.PlanTTL or a release
+// event, and never by two callers at once.
 type releaseCache struct {
 	fetch sync.Mutex // held while fetching
 
@@ -254,7 +255,7 @@ func (c *Client) ReportUpdate(ctx context.Context, r controlplane.UpdateReport) 
 	if err := c.call(ctx, controlplane.SubjectReleaseReport, r, nil); err != nil {
 		return err
 	}
-	if r.State == "refused" || r.State == "rolled-back" {
+	if r.State == frames.UpdateRefused || r.State == frames.UpdateRolledBack {
 		rc := c.releaseCache()
 		rc.mu.Lock()
 		if rc.plan.Release != nil && rc.plan.Release.Version == r.Version {

@@ -270,7 +270,7 @@ func (c *Cache) Open(ctx context.Context, version, arch string) (*os.File, relea
 func (c *Cache) openChecked(path string, a release.Artifact) (*os.File, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, err // not cached yet
 	}
 	fi, err := f.Stat()
 	if err == nil && fi.Size() != a.Size {
