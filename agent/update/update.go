@@ -350,8 +350,7 @@ func (u *Updater) Swap(rel Release) error {
 	u.step(StepWritten)
 	dir := filepath.Dir(u.bin)
 	tmp := u.bin + ".prev.tmp"
-	os.Remove(tmp)
-	if err := os.Link(u.bin, tmp); err != nil {
+	if err := linkOrCopy(u.bin, tmp); err != nil {
 		return fmt.Errorf("keep the previous binary: %w", err)
 	}
 	if err := os.Rename(tmp, u.PrevPath()); err != nil {
@@ -563,8 +562,7 @@ func rollback(bin, dir string, s State, reason string, step func(string)) error 
 // restore links NAME.prev over NAME (keeping NAME.prev) and records it.
 func restore(bin, dir string, s State, step func(string)) error {
 	tmp := bin + ".rollback.tmp"
-	os.Remove(tmp)
-	if err := os.Link(bin+".prev", tmp); err != nil {
+	if err := linkOrCopy(bin+".prev", tmp); err != nil {
 		return fmt.Errorf("roll back: %w", err)
 	}
 	if err := os.Rename(tmp, bin); err != nil {
@@ -576,6 +574,35 @@ func restore(bin, dir string, s State, step func(string)) error {
 	step(StepRestored)
 	s.Restored = true
 	return writeState(dir, s)
+}
+
+// linkOrCopy makes dst (replaced if it exists) the same file as src: a
+// hard link, or where the kernel refuses one (fs.protected_hardlinks and
+// a binary owned by another user; a file system without links) a synced
+// copy with src's mode.
+func linkOrCopy(src, dst string) error {
+	os.Remove(dst)
+	if os.Link(src, dst) == nil {
+		return nil
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	fi, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, fi.Mode().Perm())
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(out, in)
+	if err == nil {
+		err = out.Sync()
+	}
+	return errors.Join(err, out.Close())
 }
 
 // Report returns the outcome of the last update that no relay has heard

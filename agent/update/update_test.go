@@ -402,3 +402,31 @@ func TestResume(t *testing.T) {
 		t.Fatal("not swapped")
 	}
 }
+
+// TestLinkOrCopy: where a hard link is refused (here: across file
+// systems) the file is copied, with its mode.
+func TestLinkOrCopy(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "src")
+	if err := os.WriteFile(src, []byte("binary v1"), 0o751); err != nil {
+		t.Fatal(err)
+	}
+	dstDir, err := os.MkdirTemp("/dev/shm", "linkorcopy")
+	if err != nil {
+		t.Skip("no /dev/shm")
+	}
+	t.Cleanup(func() { os.RemoveAll(dstDir) })
+	if os.Link(src, filepath.Join(dstDir, "probe")) == nil {
+		t.Skip("the temp dir and /dev/shm are one file system")
+	}
+	dst := filepath.Join(dstDir, "dst")
+	if err := os.WriteFile(dst, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := linkOrCopy(src, dst); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(dst)
+	if b, _ := os.ReadFile(dst); string(b) != "binary v1" || err != nil || fi.Mode().Perm() != 0o751 {
+		t.Fatalf("dst %q mode %v, %v", b, fi.Mode(), err)
+	}
+}
