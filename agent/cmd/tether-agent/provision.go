@@ -15,6 +15,11 @@ import (
 	"github.com/tetherfleet/tether/frames/cli"
 )
 
+const aboutProvision = `tether-agent provision: takes a tether.env from the boot partition (the first found in
+TETHER_BOOT_DIRS, default /boot/firmware then /boot) into TETHER_STATE_DIR once: the token to
+enroll-token, the other settings to provisioned.env (both 0600), then removes the file from the card.
+The systemd unit runs it as root before each start of the agent. See firmware/README.md.`
+
 // provision runs before the settings are parsed. `tether-agent provision`
 // (the unit's ExecStartPre, as root and outside the sandbox) consumes the
 // boot partition's tether.env into the state dir and returns done. Every
@@ -27,7 +32,10 @@ func provision(args []string, stdout io.Writer, stderr *os.File) (done bool, err
 		args = args[1:]
 	}
 	if setting(args, "help", "") != "" || setting(args, "h", "") != "" || setting(args, "version", "") != "" {
-		return false, nil // the settings' parse prints them
+		if sub {
+			fmt.Fprintln(stdout, aboutProvision)
+		}
+		return sub, nil // else the settings' parse prints them
 	}
 	log, err := cli.Logger(stderr, cmp.Or(setting(args, "log-format", "TETHER_LOG_FORMAT"), "auto"),
 		cmp.Or(setting(args, "log-level", "TETHER_LOG_LEVEL"), "info"))
