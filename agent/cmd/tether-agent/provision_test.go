@@ -105,3 +105,22 @@ func TestBootPartitionProvisioning(t *testing.T) {
 		t.Errorf("tether.env put back is still on the card: %v", err)
 	}
 }
+
+// TestSettingBeforeParse reads flags as cli.Parse does, before it runs.
+func TestSettingBeforeParse(t *testing.T) {
+	t.Setenv("TETHER_BOOT_DIRS", "/from/env")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "/from/env"},
+		{[]string{"--boot-dirs", "/a,/b"}, "/a,/b"},
+		{[]string{"--insecure", "-boot-dirs=/c"}, "/c"},
+		{[]string{"--boot-dirs"}, "true"},
+		{[]string{"run", "--boot-dirs", "/d"}, "/from/env"}, // not a flag any more
+	} {
+		if got := setting(c.args, "boot-dirs", "TETHER_BOOT_DIRS"); got != c.want {
+			t.Errorf("setting(%q) = %q, want %q", c.args, got, c.want)
+		}
+	}
+}
