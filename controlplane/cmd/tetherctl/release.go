@@ -165,6 +165,10 @@ func releaseSign(args []string, stdout, stderr io.Writer) error {
 		if !ok || !e.Type().IsRegular() {
 			continue
 		}
+		if !slices.Contains(release.Arches, arch) {
+			fmt.Fprintf(stderr, "skipping %s: %q is not an agent architecture (%s)\n", e.Name(), arch, strings.Join(release.Arches, " "))
+			continue
+		}
 		a, err := hashFile(filepath.Join(dist, e.Name()), *ver, *noVersionCheck)
 		if err != nil {
 			return err

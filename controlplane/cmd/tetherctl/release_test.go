@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http/httptest"
@@ -35,6 +36,8 @@ func fakeDist(t *testing.T, version string) string {
 		}
 	}
 	os.WriteFile(filepath.Join(dist, "SHA256SUMS"), []byte("…\n"), 0o644)
+	os.WriteFile(filepath.Join(dist, "tether-agent-linux-arm64.sha256"), []byte("…\n"), 0o644)
+	os.Mkdir(filepath.Join(dist, "packages"), 0o755)
 	return dist
 }
 
@@ -102,6 +105,22 @@ func TestReleaseKeygenAndSign(t *testing.T) {
 	}
 	if _, err := ctl(t, nil, "release", "sign", "--key", key, "--version", "v1.4.0", t.TempDir()); err == nil {
 		t.Fatal("signed an empty dist")
+	}
+
+	// A password-protected key (minisign -G's default) needs its password
+	// (the key's KDF field says "Sc", scrypt; decrypting it is
+	// minisign.DecryptKey's, too slow for a test: 1 GiB of scrypt).
+	raw, _ := os.ReadFile(key)
+	lines := strings.SplitN(string(raw), "\n", 2)
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(lines[1]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[2], b[3] = 'S', 'c'
+	encKey := filepath.Join(keyDir, "encrypted.key")
+	os.WriteFile(encKey, []byte(lines[0]+"\n"+base64.StdEncoding.EncodeToString(b)+"\n"), 0o600)
+	if out, err := ctl(t, nil, "release", "sign", "--key", encKey, "--version", "v1.4.0", dist); err == nil || !strings.Contains(err.Error(), "encrypted: give its password") {
+		t.Fatalf("sign with an encrypted key and no password: %v\n%s", err, out)
 	}
 }
 
