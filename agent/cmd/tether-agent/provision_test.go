@@ -124,3 +124,45 @@ func TestSettingBeforeParse(t *testing.T) {
 		}
 	}
 }
+
+// TestProvisionReadOnlyCard runs tether-agent provision on a boot dir
+// mounted read-only (a private mount namespace, as root): the settings are
+// taken once, and the error says the token is still on the card.
+func TestProvisionReadOnlyCard(t *testing.T) {
+	unshare, err := exec.LookPath("unshare")
+	if err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and unshare for a read-only bind mount")
+	}
+	if out, err := exec.Command(unshare, "-m", "true").CombinedOutput(); err != nil {
+		t.Skipf("unshare -m: %v %s", err, out)
+	}
+	bin := harness.BuildT(t, "tether-agent")
+	dir := t.TempDir()
+	boot, state := filepath.Join(dir, "boot"), filepath.Join(dir, "state")
+	os.Mkdir(boot, 0o755)
+	card := "TETHER_RELAY_URL=wss://relay.example.com\nTETHER_ENROLL_TOKEN=tth_readonly\nTETHER_SERVICES=web=http://127.0.0.1:80\n"
+	if err := os.WriteFile(filepath.Join(boot, "tether.env"), []byte(card), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	provision := func() (string, error) {
+		cmd := exec.CommandContext(t.Context(), unshare, "-m", "sh", "-c",
+			`mount --bind -o ro "$1" "$1" && exec "$2" provision`, "sh", boot, filepath.Join(bin, "tether-agent"))
+		cmd.Env = append(os.Environ(), "TETHER_BOOT_DIRS="+boot, "TETHER_STATE_DIR="+state, "TETHER_LOG_FORMAT=text")
+		out, err := cmd.CombinedOutput()
+		t.Logf("tether-agent provision (read-only card): %v\n%s", err, out)
+		return string(out), err
+	}
+	out, err := provision()
+	if err == nil || !strings.Contains(out, "still holds the enrollment token; remove it from the card") {
+		t.Fatalf("no clear error: %v", err)
+	}
+	if tok, err := os.ReadFile(filepath.Join(state, "enroll-token")); err != nil || string(tok) != "tth_readonly\n" {
+		t.Fatalf("token not taken: %q %v", tok, err)
+	}
+	if out, _ := provision(); strings.Contains(out, "provisioned from the boot partition") {
+		t.Fatal("the read-only card was taken twice")
+	}
+	if b, _ := os.ReadFile(filepath.Join(boot, "tether.env")); string(b) != card {
+		t.Fatalf("the read-only card changed:\n%s", b)
+	}
+}
