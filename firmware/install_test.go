@@ -448,3 +448,40 @@ func TestInstallScriptImage(t *testing.T) {
 		}
 	}
 }
+
+// TestInstallScriptARMv7 tells armv7 from armv6 on an "armv7l" kernel by
+// /proc/cpuinfo's VFPv3 (Go's GOARM=7 needs it): a stand-in cpuinfo bound
+// over the real one in a private mount namespace (root and unshare).
+func TestInstallScriptARMv7(t *testing.T) {
+	unshare, err := exec.LookPath("unshare")
+	if err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and unshare to bind a stand-in /proc/cpuinfo")
+	}
+	if out, err := exec.Command(unshare, "-m", "true").CombinedOutput(); err != nil {
+		t.Skipf("unshare -m: %v %s", err, out)
+	}
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	srv.publish(makeRelease(t, key, "v1.0.0", "none", []byte("agent"), false))
+	dir := t.TempDir()
+	scriptPath := filepath.Join(dir, "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+	path := pathWithout(t, "uname")
+	writeFile(t, filepath.Join(path, "uname"), []byte("#!/bin/sh\necho armv7l\n"), 0o755)
+	for name, c := range map[string]struct{ cpuinfo, want string }{
+		"Cortex-A53": {"processor\t: 0\nFeatures\t: half thumb fastmult vfp edsp neon vfpv3 tls vfpv4 idiva idivt vfpd32 lpae evtstrm crc32\nCPU architecture: 7\n", "no agent for armv7"},
+		"no VFPv3":   {"processor\t: 0\nFeatures\t: half thumb fastmult vfp edsp java tls\nCPU architecture: 7\n", "no agent for armv6"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			cpuinfo := filepath.Join(t.TempDir(), "cpuinfo")
+			writeFile(t, cpuinfo, []byte(c.cpuinfo), 0o644)
+			cmd := exec.CommandContext(t.Context(), unshare, "-m", "sh", "-c", `mount --bind "$1" /proc/cpuinfo && shift && exec sh "$@"`,
+				"sh", cpuinfo, scriptPath, "--token", "tth_x", "--services", "web=http://127.0.0.1:80", "--relay-ca", srv.CAFile, "--wait", "0")
+			cmd.Env = append(os.Environ(), "PATH="+path, "TETHER_INSTALL_ROOT="+t.TempDir())
+			out, err := cmd.CombinedOutput()
+			if err == nil || !strings.Contains(string(out), c.want) {
+				t.Fatalf("err %v, want %q:\n%s", err, c.want, out)
+			}
+		})
+	}
+}
