@@ -389,8 +389,27 @@ sha256() {
 	fi
 }
 
+# newer A B: release version A (vX.Y.Z) is above B, by their X.Y.Z.
+newer() {
+	awk -v a="$1" -v b="$2" 'BEGIN {
+		sub(/^v/, "", a); sub(/^v/, "", b); sub(/[-+].*/, "", a); sub(/[-+].*/, "", b)
+		split(a, x, "."); split(b, y, ".")
+		for (i = 1; i <= 3; i++) { if (x[i] + 0 > y[i] + 0) exit 0; if (x[i] + 0 < y[i] + 0) exit 1 }
+		exit 1
+	}'
+}
+
+# The installed agent's version (empty: none, a dev build, or not runnable here).
+installed=
+if [ -x "$bin" ]; then
+	installed=$("$bin" --version 2>/dev/null | sed -n 's/^tether-agent \(v[0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*[^ ]*\).*/\1/p' | head -n 1) || installed=
+fi
+
 if [ -f "$bin" ] && [ "$(sha256 "$bin")" = "$sum" ]; then
 	say "tether-agent $version ($arch) is installed already"
+	new_bin=
+elif [ -n "$installed" ] && newer "$installed" "$version"; then
+	say "keeping the installed tether-agent $installed: the relay's release $version is older (agents never downgrade)"
 	new_bin=
 else
 	say "downloading tether-agent $version for $arch"

@@ -485,3 +485,32 @@ func TestInstallScriptARMv7(t *testing.T) {
 		})
 	}
 }
+
+// TestInstallScriptNeverDowngrades: an installed agent newer than the
+// relay's release (it updated itself) is kept; a newer release replaces
+// it. The stand-in binaries answer --version as the agent does.
+func TestInstallScriptNeverDowngrades(t *testing.T) {
+	need(t, "openssl")
+	arch := hostArch(t)
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	agent := func(v string) []byte { return []byte("#!/bin/sh\necho 'tether-agent " + v + " go1.26.8 linux/" + arch + "'\n") }
+	scriptPath := filepath.Join(t.TempDir(), "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+	in := installer{t: t, shell: []string{"sh"}, root: t.TempDir(), script: scriptPath}
+	args := []string{"--token", "tth_x", "--services", "web=http://127.0.0.1:80", "--relay-ca", srv.CAFile, "--wait", "0"}
+	for _, step := range []struct{ publish, want, says string }{
+		{"v2.0.0", "v2.0.0", "installed"},
+		{"v1.5.0", "v2.0.0", "keeping the installed tether-agent v2.0.0: the relay's release v1.5.0 is older"},
+		{"v2.0.10", "v2.0.10", "downloading tether-agent v2.0.10"},
+	} {
+		srv.publish(makeRelease(t, key, step.publish, arch, agent(step.publish), false))
+		out, err := in.run(nil, args...)
+		if err != nil || !strings.Contains(out, step.says) {
+			t.Fatalf("release %s: %v, want %q", step.publish, err, step.says)
+		}
+		if b, _ := in.file(firmware.BinaryPath); !bytes.Equal(b, agent(step.want)) {
+			t.Fatalf("release %s: installed %q, want %s", step.publish, b, step.want)
+		}
+	}
+}
