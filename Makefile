@@ -52,10 +52,13 @@ packages: ## build the agent's .deb and .apk for every arch into ./dist/packages
 bench: ## measure throughput, req/s, latency, CPU, memory, idle cost and a reconnect storm against direct; writes BENCHMARKS.md (BENCH_QUICK=1: ~2 min)
 	$(GO) run ./cross/cmd/bench -out BENCHMARKS.md
 
-fuzz: ## fuzz the frame decoder for a minute, the release manifest and boot-partition tether.env parsers for 20s each
+fuzz: ## fuzz the frame decoder for a minute, the release manifest and boot-partition tether.env parsers and the agent against a hostile relay for 20s each
 	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 60s ./frames
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 20s ./firmware/release
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 20s ./agent/bootenv
+	# the agent against a hostile relay: its enrollment answers, its session's frames
+	$(GO) test -run '^$$' -fuzz FuzzEnrollAnswer -fuzztime 20s ./agent
+	$(GO) test -run '^$$' -fuzz FuzzHostileSession -fuzztime 20s ./agent
 
 clean: ## remove build output (keeps ./tether-data)
 	rm -rf bin dist
