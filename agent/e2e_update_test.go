@@ -618,3 +618,33 @@ func TestUpdateQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestUpdateWatchdogRollsBack: a new version that does not become healthy
+// (connected, two heartbeats acknowledged) within TETHER_UPDATE_DEADLINE
+// is rolled back by the agent itself, without systemd's help: here the
+// deadline (1s) is shorter than two heartbeat intervals.
+func TestUpdateWatchdogRollsBack(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the agent updates itself on Linux")
+	}
+	bins := t.TempDir()
+	arch := cross.Target{GOARCH: runtime.GOARCH, GOARM: "7"}.Arch()
+	_, v1 := buildAgent(t, bins, "v1.0.0", runtime.GOARCH, "7", false)
+	_, v2 := buildAgent(t, bins, "v2.0.0", runtime.GOARCH, "7", false)
+	key := controlplanetest.NewReleaseKey(t)
+	e := updateEnv(t, key.Keys)
+	d := newDevice(t, v1)
+	sup := supervise(t, d, deviceEnv(t, e, d, "watchdog", key.Public, webServer(t), "TETHER_UPDATE_DEADLINE=1s"))
+	publish(t, e, key, "v2.0.0", map[string][]byte{arch: v2})
+	r := report(t, e, "watchdog", "v2.0.0", frames.UpdateRolledBack, 90*time.Second, sup.alive)
+	if !strings.Contains(r.Reason, "not healthy") {
+		t.Errorf("rolled back because %q", r.Reason)
+	}
+	d.wantVersion(t, d.bin(), "v1.0.0")
+	if err := harness.Poll(t.Context(), 60*time.Second, func() error { return firstErr(sup.alive(), serves(e, "watchdog")) }); err != nil {
+		t.Fatal(err)
+	}
+	if n := sup.starts.Load(); n != 1 {
+		t.Errorf("%d starts: the rollback should have needed no restart", n)
+	}
+}
