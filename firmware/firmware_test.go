@@ -173,3 +173,14 @@ func TestInstallScriptFillsIn(t *testing.T) {
 		}
 	}
 }
+
+// TestInstallScriptHelp: --help works on the piped script too (curl | sh
+// -s -- --help), where there is no file to read the text from.
+func TestInstallScriptHelp(t *testing.T) {
+	cmd := exec.Command("sh", "-s", "--", "--help")
+	cmd.Stdin = bytes.NewReader(firmware.InstallScript("https://relay.example.com", []string{"RWQa"}))
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--token TOKEN") || !strings.Contains(string(out), "TETHER_INSTALL_ROOT") {
+		t.Fatalf("--help: %v\n%s", err, out)
+	}
+}

@@ -17,22 +17,7 @@
 # Running it again upgrades in place and keeps the device's identity
 # (/var/lib/tether-agent); settings not given again are kept.
 #
-# Options (environment variable in brackets):
-#   --token TOKEN        enrollment token, needed on the first install [TETHER_ENROLL_TOKEN]
-#   --services LIST      NAME=http://HOST:PORT,NAME=tcp://HOST:PORT [TETHER_SERVICES]
-#   --name NAME          requested device name; default: the hostname [TETHER_DEVICE_NAME]
-#   --relay URL          the relay (https:// or wss://); default: the relay that served this script
-#   --release-keys KEYS  minisign public keys (RW...), comma-separated; default: the relay's
-#   --relay-ca FILE      PEM CA of a self-hosted relay (copied to /etc/tether/relay-ca.pem)
-#   --wait SECONDS       how long to wait for the device's URLs (default 60; 0: do not wait)
-#   --uninstall          stop and remove the agent; keeps the identity in /var/lib/tether-agent
-#   --purge              with --uninstall: remove the identity too
-#   -h, --help           this text
-#
-# TETHER_INSTALL_ROOT=DIR installs under DIR instead of / and changes
-# nothing on the host: no systemctl, no useradd (the user is written to
-# DIR/etc/passwd and DIR/etc/group). For tests and image builders.
-# TETHER_INSTALL_ARCH=ARCH overrides the detected architecture.
+# Options: sh install.sh --help.
 set -eu
 
 # Filled in by the relay when it serves this script.
@@ -46,7 +31,31 @@ die() {
 say() { echo "tether install: $*"; }
 
 usage() {
-	sed -n '2,/^set -eu/p' "$0" 2>/dev/null | sed -n 's/^# \{0,1\}//p' || true
+	cat <<'TETHER_USAGE_EOF'
+Installs the Tether agent from the relay that serves this script.
+  curl -fsSL https://RELAY/install.sh | sudo sh -s -- --token tth_... --services web=http://127.0.0.1:8080
+
+Options (environment variable in brackets):
+  --token TOKEN        enrollment token, needed on the first install [TETHER_ENROLL_TOKEN]
+  --services LIST      NAME=http://HOST:PORT,NAME=tcp://HOST:PORT [TETHER_SERVICES]
+  --name NAME          requested device name; default: the hostname [TETHER_DEVICE_NAME]
+  --relay URL          the relay (https:// or wss://); default: the relay that served this script
+  --release-keys KEYS  minisign public keys (RW...), comma-separated; default: the relay's
+  --relay-ca FILE      PEM CA of a self-hosted relay (copied to /etc/tether/relay-ca.pem)
+  --wait SECONDS       how long to wait for the device's URLs (default 60; 0: do not wait)
+  --uninstall          stop and remove the agent; keeps the identity in /var/lib/tether-agent
+  --purge              with --uninstall: remove the identity too
+  -h, --help           this text
+
+Run again to upgrade in place (identity and settings kept; never to an older
+release than the installed agent's).
+TETHER_INSTALL_ROOT=DIR installs under DIR and changes nothing on the host: the
+user goes into DIR/etc/passwd (group, shadow, gshadow), the unit is enabled with
+systemctl --root, nothing starts; without --token and --services each card's
+tether.env provides them. For tests and image builders.
+TETHER_INSTALL_ARCH=ARCH overrides the detected architecture
+(armv6 armv7 arm64 amd64 riscv64 mipsle).
+TETHER_USAGE_EOF
 }
 
 token=${TETHER_ENROLL_TOKEN:-}
