@@ -13,6 +13,7 @@ import (
 	"github.com/tetherfleet/tether/controlplane"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/xtaci/smux"
+	"golang.org/x/time/rate"
 )
 
 // Agent updates on a session (frames/spec.md "Agent updates"): the relay
@@ -30,6 +31,10 @@ const (
 	// reportQueueLen bounds the update reports waiting for the control
 	// plane; beyond it they are dropped (an agent that floods them).
 	reportQueueLen = 8
+	// reportRate and reportBurst bound the reports of one session (each
+	// is a write on the control plane): an update takes four or five.
+	reportRate  = rate.Limit(0.2)
+	reportBurst = 8
 	// fetchIdle bounds the wait for a fetch frame and each write of the
 	// binary; fetchMax bounds a whole download (1 MiB/s and slower links
 	// take minutes for an agent).
@@ -47,6 +52,7 @@ type sessionUpdates struct {
 
 	fetching atomic.Bool // a fetch stream is being served
 	reports  chan controlplane.UpdateReport
+	limit    *rate.Limiter  // of reports (the control loop's own)
 	wg       sync.WaitGroup // offer loop, accept loop, fetch, reports
 }
 
@@ -58,6 +64,7 @@ func (sess *session) startUpdates() {
 	u := &sess.upd
 	u.offered, u.answered = map[string]bool{}, map[string]bool{}
 	u.reports = make(chan controlplane.UpdateReport, reportQueueLen)
+	u.limit = rate.NewLimiter(reportRate, reportBurst)
 	u.wg.Go(sess.acceptAgentStreams)
 	if sess.srv.cfg.Releases == nil {
 		return
@@ -136,6 +143,10 @@ func (sess *session) updateStatus(m *frames.UpdateStatus) {
 		u.mu.Unlock()
 	default:
 		return // a state this relay does not know
+	}
+	if !u.limit.Allow() {
+		sess.log.Debug("agent update status dropped: too many", "version", m.Version, "state", m.State)
+		return
 	}
 	sess.log.Info("agent update status", "version", m.Version, "state", m.State, "reason", m.Reason)
 	if sess.srv.cfg.Releases == nil {
