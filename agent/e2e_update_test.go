@@ -38,9 +38,9 @@ import (
 // plane holds the releases and rollouts.
 
 // buildAgent builds tether-agent at version for goarch/goarm (release
-// flags, cross.AgentTags) into dir and returns its path and bytes. crash
-// sets the test-only knob main.crashAtStart: the binary exits 1 at once.
-func buildAgent(t *testing.T, dir, version, goarch, goarm string, crash bool) (string, []byte) {
+// flags, cross.AgentTags) into dir and returns it. crash sets the
+// test-only knob main.crashAtStart: the binary exits 1 at once.
+func buildAgent(t *testing.T, dir, version, goarch, goarm string, crash bool) []byte {
 	t.Helper()
 	root, err := cross.ModuleRoot(t.Context())
 	if err != nil {
@@ -61,7 +61,25 @@ func buildAgent(t *testing.T, dir, version, goarch, goarm string, crash bool) (s
 	if err != nil {
 		t.Fatal(err)
 	}
-	return out, b
+	return b
+}
+
+// hostAgents builds the agent for this machine at each version (one
+// ending in "!" is built to crash at start, and named without the "!")
+// and returns them by version, with this machine's arch as manifests name
+// it.
+func hostAgents(t *testing.T, versions ...string) (string, map[string][]byte) {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("the agent updates itself on Linux")
+	}
+	dir := t.TempDir()
+	out := map[string][]byte{}
+	for _, v := range versions {
+		name := strings.TrimSuffix(v, "!")
+		out[name] = buildAgent(t, dir, name, runtime.GOARCH, "7", name != v)
+	}
+	return cross.Target{GOARCH: runtime.GOARCH, GOARM: "7"}.Arch(), out
 }
 
 // publish signs and publishes a release of binaries (by arch) on e's
@@ -360,15 +378,8 @@ func serves(e *relaytest.Env, name string) error {
 // whose hash is not the manifest's fails and changes nothing; a rollout
 // of an older release does not downgrade it.
 func TestUpdateEndToEnd(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the agent updates itself on Linux")
-	}
-	bins := t.TempDir()
-	arch := cross.Target{GOARCH: runtime.GOARCH, GOARM: "7"}.Arch()
-	_, v1 := buildAgent(t, bins, "v1.0.0", runtime.GOARCH, "7", false)
-	_, v2 := buildAgent(t, bins, "v2.0.0", runtime.GOARCH, "7", false)
-	_, v3 := buildAgent(t, bins, "v3.0.0", runtime.GOARCH, "7", true)
-	_, v4 := buildAgent(t, bins, "v4.0.0", runtime.GOARCH, "7", false)
+	arch, bins := hostAgents(t, "v1.0.0", "v2.0.0", "v3.0.0!", "v4.0.0")
+	v1, v2, v3, v4 := bins["v1.0.0"], bins["v2.0.0"], bins["v3.0.0"], bins["v4.0.0"]
 	key, other := controlplanetest.NewReleaseKey(t), controlplanetest.NewReleaseKey(t)
 	// The control plane trusts both keys; the agent only the first.
 	e := updateEnv(t, append(slices.Clone(key.Keys), other.Keys...))
@@ -525,13 +536,8 @@ func (p *pauser) goOn() error {
 // swap; the next start runs a good binary, which comes back online and
 // ends up on v2 (or stays on v1, having reported the interrupted update).
 func TestUpdateKilledAtEachStep(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the agent updates itself on Linux")
-	}
-	bins := t.TempDir()
-	arch := cross.Target{GOARCH: runtime.GOARCH, GOARM: "7"}.Arch()
-	_, v1 := buildAgent(t, bins, "v1.0.0", runtime.GOARCH, "7", false)
-	_, v2 := buildAgent(t, bins, "v2.0.0", runtime.GOARCH, "7", false)
+	arch, bins := hostAgents(t, "v1.0.0", "v2.0.0")
+	v1, v2 := bins["v1.0.0"], bins["v2.0.0"]
 	key := controlplanetest.NewReleaseKey(t)
 	e := updateEnv(t, key.Keys)
 	publish(t, e, key, "v2.0.0", map[string][]byte{arch: v2})
@@ -601,8 +607,8 @@ func TestUpdateQEMU(t *testing.T) {
 		t.Skip("qemu-arm-static not installed (make test installs qemu-user-static)")
 	}
 	bins := t.TempDir()
-	_, v1 := buildAgent(t, bins, "v1.0.0", "arm", "7", false)
-	_, v2 := buildAgent(t, bins, "v2.0.0", "arm", "7", false)
+	v1 := buildAgent(t, bins, "v1.0.0", "arm", "7", false)
+	v2 := buildAgent(t, bins, "v2.0.0", "arm", "7", false)
 	key := controlplanetest.NewReleaseKey(t)
 	e := updateEnv(t, key.Keys)
 	d := newDevice(t, v1)
@@ -624,13 +630,8 @@ func TestUpdateQEMU(t *testing.T) {
 // is rolled back by the agent itself, without systemd's help: here the
 // deadline (1s) is shorter than two heartbeat intervals.
 func TestUpdateWatchdogRollsBack(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the agent updates itself on Linux")
-	}
-	bins := t.TempDir()
-	arch := cross.Target{GOARCH: runtime.GOARCH, GOARM: "7"}.Arch()
-	_, v1 := buildAgent(t, bins, "v1.0.0", runtime.GOARCH, "7", false)
-	_, v2 := buildAgent(t, bins, "v2.0.0", runtime.GOARCH, "7", false)
+	arch, bins := hostAgents(t, "v1.0.0", "v2.0.0")
+	v1, v2 := bins["v1.0.0"], bins["v2.0.0"]
 	key := controlplanetest.NewReleaseKey(t)
 	e := updateEnv(t, key.Keys)
 	d := newDevice(t, v1)
