@@ -8,7 +8,10 @@
 // relay cannot subscribe to the control plane's requests (so it can
 // neither read enrollment requests nor answer as the control plane), and
 // cannot publish events or claims (so it can forge neither a revocation
-// nor a control plane).
+// nor a control plane). Releases need no rule of their own: relays ask on
+// tether.cp.release-* (the control plane alone answers, so alone serves
+// binaries and rollout plans) and hear tether.events.release (which only
+// the control plane may publish); nothing on NATS publishes a release.
 package natsperm
 
 import (
