@@ -234,3 +234,15 @@ func TestReleasePublishRefused(t *testing.T) {
 		t.Fatalf("releases after a refused binary:\n%s", out)
 	}
 }
+
+func TestHelpListsReleaseCommands(t *testing.T) {
+	out, _ := ctl(t, nil, "--help")
+	for _, cmd := range []string{"release keygen", "release sign", "release publish", "releases", "rollout start", "rollout set-percent", "rollout status", "rollout pause|resume|abort"} {
+		if !strings.Contains(out, cmd) {
+			t.Errorf("--help lacks %q:\n%s", cmd, out)
+		}
+	}
+	if _, err := ctl(t, nil, "release"); err == nil || !strings.Contains(err.Error(), "release keygen") {
+		t.Errorf("release without a command: %v", err)
+	}
+}
