@@ -233,10 +233,7 @@ func (sess *session) serveFetch(st *smux.Stream) {
 		refuse(frames.CodeBadRequest, "this relay offers no agent updates")
 		return
 	}
-	sess.upd.mu.Lock()
-	offered := sess.upd.offered[f.Version]
-	sess.upd.mu.Unlock()
-	if !offered {
+	if !sess.mayFetch(f.Version) {
 		refuse(frames.CodeBadRequest, fmt.Sprintf("version %q was not offered to this device", f.Version))
 		return
 	}
@@ -271,6 +268,32 @@ func (sess *session) serveFetch(st *smux.Stream) {
 		return
 	}
 	sess.log.Debug("agent update download served", "version", f.Version, "arch", f.Arch, "offset", f.Offset, "sent", n)
+}
+
+// mayFetch reports whether the agent may download version: it was
+// offered on this session, or it is what the control plane would offer
+// now (an agent resuming, on a new session, a download its previous
+// session was offered, asks before this session's first offer).
+func (sess *session) mayFetch(version string) bool {
+	u := &sess.upd
+	u.mu.Lock()
+	offered := u.offered[version]
+	u.mu.Unlock()
+	if offered {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(sess.srv.ctx, sess.srv.cpTimeout())
+	rel, ok, err := sess.srv.cfg.Releases.Offer(ctx, sess.deviceID, u.agentVersion)
+	cancel()
+	if err != nil || !ok || rel.Version != version {
+		return false
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.offered) < maxOffered {
+		u.offered[version] = true
+	}
+	return true
 }
 
 // copyDeadline copies r to st, each write under its own deadline (a

@@ -42,6 +42,13 @@ func updateAgent(t *testing.T, binary []byte) (*relaytest.Env, *relaytest.RawAge
 	}
 	_, priv, _ := ed25519.GenerateKey(nil)
 	e.Enroll(t, priv, "updater")
+	return e, connectV1(t, e, priv), key
+}
+
+// connectV1 opens a session of the device with key priv, its agent at
+// v1.0.0.
+func connectV1(t *testing.T, e *relaytest.Env, priv ed25519.PrivateKey) *relaytest.RawAgent {
+	t.Helper()
 	ra := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
 	copy(ra.Pub[:], priv.Public().(ed25519.PublicKey))
 	ra.Key = priv
@@ -58,7 +65,7 @@ func updateAgent(t *testing.T, binary []byte) (*relaytest.Env, *relaytest.RawAge
 	if _, ok := ra.Recv(t).(*frames.Leases); !ok {
 		t.Fatal("no leases")
 	}
-	return e, ra, key
+	return ra
 }
 
 // waitOffer heartbeats every 500ms until the relay offers an update (at
@@ -208,6 +215,22 @@ func TestUpdateOfferAndFetch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+
+	// On a new session, the release the control plane would offer is
+	// served before the session's first offer: an agent resuming a
+	// download its previous session was offered.
+	ra.Mux.Close()
+	ra = connectV1(t, e, ra.Key)
+	st, m = fetch(t, ra, &frames.Fetch{Version: "v2.0.0", Arch: "amd64", Offset: uint64(len(binary) - 1000)})
+	if _, ok := m.(*frames.StreamAccept); !ok {
+		t.Fatalf("resumed download: answer %#v", m)
+	}
+	st.SetReadDeadline(time.Now().Add(30 * time.Second))
+	var tail bytes.Buffer
+	if _, err := tail.ReadFrom(st); (err != nil && !errors.Is(err, io.EOF)) || !bytes.Equal(tail.Bytes(), binary[len(binary)-1000:]) {
+		t.Fatalf("resumed download: %d bytes, %v", tail.Len(), err)
+	}
+	st.Close()
 }
 
 // poll calls cond every 50ms until it returns nil or within passes.
