@@ -649,3 +649,60 @@ func TestUpdateWatchdogRollsBack(t *testing.T) {
 		t.Errorf("%d starts: the rollback should have needed no restart", n)
 	}
 }
+
+// TestUpdateDownloadResumes: a download cut by the agent's death (kill -9)
+// continues from the bytes already on disk once it is offered again, and
+// one cut by the relay's continues on the next session, in the same
+// process, from where it stopped.
+func TestUpdateDownloadResumes(t *testing.T) {
+	arch, bins := hostAgents(t, "v1.0.0", "v2.0.0", "v4.0.0")
+	key := controlplanetest.NewReleaseKey(t)
+	e := updateEnv(t, key.Keys)
+	d := newDevice(t, bins["v1.0.0"])
+	// 1 MiB/s: a binary of some 7 MiB takes seconds to come.
+	sup := supervise(t, d, deviceEnv(t, e, d, "resume", key.Public, webServer(t), "TETHER_UPDATE_RATE=1048576"))
+	alive := func() error { return firstErr(sup.alive(), serves(e, "resume")) }
+	if err := harness.Poll(t.Context(), 60*time.Second, alive); err != nil {
+		t.Fatal(err)
+	}
+	partial := func() error {
+		fi, err := os.Stat(d.bin() + ".new")
+		if err != nil || fi.Size() < 1<<20 {
+			return fmt.Errorf("download not 1 MiB in yet (%v)", err)
+		}
+		return nil
+	}
+
+	publish(t, e, key, "v2.0.0", map[string][]byte{arch: bins["v2.0.0"]})
+	if err := harness.Poll(t.Context(), 60*time.Second, partial); err != nil {
+		t.Fatal(err)
+	}
+	proc := sup.running()
+	if proc == nil {
+		t.Fatal("no agent running")
+	}
+	proc.Signal(syscall.SIGKILL)
+	report(t, e, "resume", "v2.0.0", frames.UpdateHealthy, 90*time.Second, sup.alive)
+	if !strings.Contains(sup.logs.String(), "agent update download resumes") {
+		t.Error("the restarted agent downloaded from the start")
+	}
+
+	publish(t, e, key, "v4.0.0", map[string][]byte{arch: bins["v4.0.0"]})
+	if err := harness.Poll(t.Context(), 60*time.Second, partial); err != nil {
+		t.Fatal(err)
+	}
+	starts := sup.starts.Load()
+	e.KillRelay()
+	e.StartRelay()
+	report(t, e, "resume", "v4.0.0", frames.UpdateHealthy, 90*time.Second, sup.alive)
+	if !strings.Contains(sup.logs.String(), "agent update download interrupted; resuming") {
+		t.Error("no download was resumed on the next session")
+	}
+	if n := sup.starts.Load(); n != starts {
+		t.Errorf("the agent restarted %d times while the relay was away", n-starts)
+	}
+	d.wantVersion(t, d.bin(), "v4.0.0")
+	if err := harness.Poll(t.Context(), 60*time.Second, alive); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -138,6 +138,9 @@ func (a *Agent) download(ctx context.Context, rel update.Release) error {
 		return err
 	}
 	defer f.Close()
+	if off > 0 {
+		a.log.Info("agent update download resumes", "version", rel.Version, "at", off, "of", rel.Size)
+	}
 	lim := rate.NewLimiter(rate.Limit(a.cfg.UpdateRate), min(a.cfg.UpdateRate, fetchChunk))
 	bo := &backoff{base: time.Second, max: 30 * time.Second}
 	var lastErr error
