@@ -51,6 +51,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tetherfleet/tether/firmware/release"
 )
 
 // Phases of State.Phase.
@@ -103,7 +105,7 @@ type Config struct {
 // Release is the new binary as its signed manifest describes it.
 type Release struct {
 	Version string
-	Floor   string // the release's floor: no release below it is taken once it runs
+	Floor   string // the release's floor: no release below it (nor below an earlier one's) is taken once it runs
 	Size    int64
 	SHA256  string // hex
 }
@@ -123,7 +125,7 @@ type State struct {
 	Reason          string `json:"reason,omitempty"`     // why it rolled back or failed
 	Restored        bool   `json:"restored,omitempty"`   // rolled back: NAME is the previous binary again
 	Reported        bool   `json:"reported,omitempty"`   // the outcome reached a relay
-	Floor           string `json:"floor,omitempty"`      // floor of the release that runs
+	Floor           string `json:"floor,omitempty"`      // highest floor of the releases run, up to the one that runs
 	PrevFloor       string `json:"prev_floor,omitempty"` // floor of the one it replaced
 	// Download is the SHA-256 of the release NAME.new is being downloaded
 	// for: a resumed download continues only the same file.
@@ -365,7 +367,7 @@ func (u *Updater) Swap(rel Release) error {
 		old = State{} // an unreadable state must not block updates; its list goes
 	}
 	s := State{Phase: PhasePending, Version: rel.Version, Previous: u.cfg.Version,
-		Deadline: time.Now().Add(u.cfg.Deadline), Floor: rel.Floor, PrevFloor: old.currentFloor(),
+		Deadline: time.Now().Add(u.cfg.Deadline), Floor: higher(rel.Floor, old.currentFloor()), PrevFloor: old.currentFloor(),
 		RolledBack: old.RolledBack}
 	if err := writeState(u.cfg.StateDir, s); err != nil {
 		return err
@@ -380,6 +382,15 @@ func (u *Updater) Swap(rel Release) error {
 	u.step(StepSwapped)
 	u.log.Info("agent update applied; restarting into it", "version", rel.Version, "previous", u.cfg.Version, "deadline", u.cfg.Deadline)
 	return nil
+}
+
+// higher returns the higher of two floors ("" is none; a floor that is
+// not a release version counts as none).
+func higher(a, b string) string {
+	if c, err := release.Compare(a, b); err == nil && c < 0 || !release.IsRelease(a) {
+		return b
+	}
+	return a
 }
 
 func (s State) currentFloor() string {

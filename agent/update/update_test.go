@@ -43,7 +43,7 @@ func (d device) updater(t *testing.T, version string, steps *[]string) *Updater 
 	return u
 }
 
-func release(version, body string) Release {
+func newRelease(version, body string) Release {
 	sum := sha256.Sum256([]byte(body))
 	return Release{Version: version, Size: int64(len(body)), SHA256: hex.EncodeToString(sum[:])}
 }
@@ -82,7 +82,7 @@ func TestApplySwapsAndKeepsPrevious(t *testing.T) {
 	d := newDevice(t)
 	var steps []string
 	u := d.updater(t, "v1.0.0", &steps)
-	if err := u.Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+	if err := u.Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 		t.Fatal(err)
 	}
 	d.want(t, "binary v2", "binary v1")
@@ -130,9 +130,9 @@ func TestApplyRefusesBadBinary(t *testing.T) {
 		body string
 		rel  Release
 	}{
-		"hash":  {"binary v2", release("v2.0.0", "binary v3")},
-		"short": {"binary", release("v2.0.0", "binary v2")},
-		"long":  {"binary v2 and more", release("v2.0.0", "binary v2")},
+		"hash":  {"binary v2", newRelease("v2.0.0", "binary v3")},
+		"short": {"binary", newRelease("v2.0.0", "binary v2")},
+		"long":  {"binary v2 and more", newRelease("v2.0.0", "binary v2")},
 		"sum":   {"binary v2", Release{Version: "v2.0.0", Size: 9, SHA256: "zz"}},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -159,7 +159,7 @@ func TestStartsRollBack(t *testing.T) {
 	for _, by := range []string{"startup", "preflight"} {
 		t.Run(by, func(t *testing.T) {
 			d := newDevice(t)
-			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 				t.Fatal(err)
 			}
 			u2 := d.updater(t, "v2.0.0", nil)
@@ -219,7 +219,7 @@ func TestPreflightNothingPending(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(d.state, stateFile)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("state written: %v", err)
 	}
-	if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+	if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.updater(t, "v2.0.0", nil).MarkHealthy(); err != nil {
@@ -239,7 +239,7 @@ func TestWatch(t *testing.T) {
 	t.Run("healthy", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			d := newDevice(t)
-			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 				t.Fatal(err)
 			}
 			u2 := d.updater(t, "v2.0.0", nil)
@@ -260,7 +260,7 @@ func TestWatch(t *testing.T) {
 	t.Run("deadline", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			d := newDevice(t)
-			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 				t.Fatal(err)
 			}
 			var steps []string
@@ -293,7 +293,7 @@ func TestWatch(t *testing.T) {
 	t.Run("deadline passed before start", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			d := newDevice(t)
-			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+			if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 				t.Fatal(err)
 			}
 			time.Sleep(2*time.Minute + time.Second)
@@ -318,7 +318,7 @@ func TestInterrupted(t *testing.T) {
 		}
 		func() {
 			defer func() { recover() }()
-			u.Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2"))
+			u.Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2"))
 		}()
 		d.want(t, "binary v1", "binary v1")
 		// preflight counts a start; the old binary then finds it never swapped.
@@ -338,7 +338,7 @@ func TestInterrupted(t *testing.T) {
 	})
 	t.Run("rollback before the restore", func(t *testing.T) {
 		d := newDevice(t)
-		if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), release("v2.0.0", "binary v2")); err != nil {
+		if err := d.updater(t, "v1.0.0", nil).Apply(strings.NewReader("binary v2"), newRelease("v2.0.0", "binary v2")); err != nil {
 			t.Fatal(err)
 		}
 		u2 := d.updater(t, "v2.0.0", nil)
@@ -364,7 +364,7 @@ func TestInterrupted(t *testing.T) {
 func TestResume(t *testing.T) {
 	d := newDevice(t)
 	u := d.updater(t, "v1.0.0", nil)
-	rel := release("v2.0.0", "binary v2")
+	rel := newRelease("v2.0.0", "binary v2")
 	f, off, err := u.Resume(rel)
 	if err != nil || off != 0 {
 		t.Fatal(off, err)
@@ -378,7 +378,7 @@ func TestResume(t *testing.T) {
 	io.WriteString(f, "ry v2")
 	f.Close()
 	// Another release starts again.
-	other := release("v2.0.1", "binary v2.0.1")
+	other := newRelease("v2.0.1", "binary v2.0.1")
 	if f, off, err = u.Resume(other); err != nil || off != 0 {
 		t.Fatal(off, err)
 	}
@@ -428,5 +428,46 @@ func TestLinkOrCopy(t *testing.T) {
 	fi, err := os.Stat(dst)
 	if b, _ := os.ReadFile(dst); string(b) != "binary v1" || err != nil || fi.Mode().Perm() != 0o751 {
 		t.Fatalf("dst %q mode %v, %v", b, fi.Mode(), err)
+	}
+}
+
+// TestFloor: the floor the agent keeps is the highest of the releases it
+// ran; a rollback puts back the one before.
+func TestFloor(t *testing.T) {
+	d := newDevice(t)
+	swap := func(from string, rel Release) {
+		t.Helper()
+		if err := d.updater(t, from, nil).Apply(strings.NewReader("binary "+rel.Version), rel); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.updater(t, rel.Version, nil).MarkHealthy(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r2 := newRelease("v2.0.0", "binary v2.0.0")
+	r2.Floor = "v1.5.0"
+	swap("v1.0.0", r2)
+	if f := d.updater(t, "v2.0.0", nil).Floor(); f != "v1.5.0" {
+		t.Fatalf("floor %q", f)
+	}
+	r3 := newRelease("v3.0.0", "binary v3.0.0") // no floor of its own
+	swap("v2.0.0", r3)
+	if f := d.updater(t, "v3.0.0", nil).Floor(); f != "v1.5.0" {
+		t.Fatalf("floor %q after a release without one", f)
+	}
+	r4 := newRelease("v4.0.0", "binary v4.0.0")
+	r4.Floor = "v3.5.0"
+	if err := d.updater(t, "v3.0.0", nil).Apply(strings.NewReader("binary v4.0.0"), r4); err != nil {
+		t.Fatal(err)
+	}
+	u4 := d.updater(t, "v4.0.0", nil)
+	if f := u4.Floor(); f != "v3.5.0" {
+		t.Fatalf("floor %q while v4 is pending", f)
+	}
+	if err := u4.Rollback("test"); !errors.Is(err, ErrRestart) {
+		t.Fatal(err)
+	}
+	if f := d.updater(t, "v3.0.0", nil).Floor(); f != "v1.5.0" {
+		t.Fatalf("floor %q after the rollback", f)
 	}
 }
