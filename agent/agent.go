@@ -156,7 +156,13 @@ type conn struct {
 	ctrl  *smux.Stream
 	wmu   sync.Mutex
 	once  sync.Once
+	// heartbeat is the interval the relay holds this session to (its
+	// welcome), else the configured one.
+	heartbeat time.Duration
 }
+
+// interval is the session's heartbeat interval.
+func (c *conn) interval() time.Duration { return cmp.Or(c.heartbeat, c.a.cfg.HeartbeatInterval) }
 
 // drainError ends serve when the relay asks the agent to move.
 type drainError struct{ *frames.Drain }
@@ -222,6 +228,13 @@ func (c *conn) handshake(ctx context.Context, id *identity) error {
 	w, err := readAs[*frames.Welcome](ctrl)
 	if err != nil {
 		return fmt.Errorf("read welcome: %w", err)
+	}
+	c.heartbeat = c.a.cfg.HeartbeatInterval
+	if hb := time.Duration(w.HeartbeatMillis) * time.Millisecond; hb > 0 {
+		if hb != c.heartbeat {
+			c.a.log.Info("relay sets the heartbeat interval", "relay", c.relay, "asked", c.heartbeat, "interval", hb)
+		}
+		c.heartbeat = hb // the relay's bounds (from one not older than the field)
 	}
 	reg := &frames.Register{}
 	for _, s := range c.a.cfg.Services {
@@ -290,7 +303,7 @@ func (c *conn) serve(ctx context.Context) error {
 	hbDone := make(chan struct{})
 	defer close(hbDone)
 	a.wg.Go(func() { c.heartbeats(hbDone) })
-	interval := a.cfg.HeartbeatInterval
+	interval := c.interval()
 	for acks := 0; ; {
 		c.ctrl.SetReadDeadline(time.Now().Add(3 * interval))
 		m, err := frames.Read(c.ctrl, 0)
@@ -323,7 +336,7 @@ func (c *conn) serve(ctx context.Context) error {
 }
 
 func (c *conn) heartbeats(done <-chan struct{}) {
-	t := time.NewTicker(c.a.cfg.HeartbeatInterval)
+	t := time.NewTicker(c.interval())
 	defer t.Stop()
 	for seq := uint64(1); ; seq++ {
 		select {

@@ -107,6 +107,7 @@ func newFakeRelay(t *testing.T, cert ...*tls.Certificate) *fakeRelay {
 		hello, _ := frames.Read(ctrl, 0)
 		frames.Write(ctrl, &frames.Challenge{RelayID: "fake"})
 		frames.Read(ctrl, 0) // auth: not checked here
+		wsmux.Config{}.Trust(m)
 		frames.Write(ctrl, &frames.Welcome{DeviceID: frames.DeviceID(hello.(*frames.Hello).PublicKey[:]), DeviceName: "dev", Generation: 1})
 		frames.Read(ctrl, 0) // register
 		frames.Write(ctrl, &frames.Leases{})

@@ -31,7 +31,7 @@ func samples() map[string]Message {
 		"hello":         &Hello{PublicKey: key, AgentVersion: "v1.2.3", HeartbeatMillis: 15000},
 		"challenge":     &Challenge{Nonce: key, RelayID: "relay-a"},
 		"auth":          &Auth{Signature: sig},
-		"welcome":       &Welcome{DeviceID: "dabc", DeviceName: "pi01", Generation: 7},
+		"welcome":       &Welcome{DeviceID: "dabc", DeviceName: "pi01", Generation: 7, HeartbeatMillis: 15000},
 		"register":      &Register{Services: []Service{{"web", "http"}, {"ssh", "tcp"}}},
 		"leases":        &Leases{Leases: []Lease{{"web", "http", "web-pi01.example.com", 0}, {"ssh", "tcp", "", 20001}}},
 		"heartbeat":     &Heartbeat{Seq: 42, ActiveStreams: 3, TotalStreams: 99},
@@ -256,5 +256,17 @@ func TestReadAs(t *testing.T) {
 	}
 	if _, err := ReadAs[*HeartbeatAck](&buf, 0); err == nil || !strings.Contains(err.Error(), "unexpected drain frame") {
 		t.Fatalf("wrong type: %v", err)
+	}
+}
+
+// TestWelcomeWithoutHeartbeat: a welcome from a relay that predates the
+// heartbeat field still reads, with the field zero.
+func TestWelcomeWithoutHeartbeat(t *testing.T) {
+	full := Append(nil, &Welcome{DeviceID: "dabc", DeviceName: "pi01", Generation: 7, HeartbeatMillis: 15000})
+	old := append([]byte(nil), full[:len(full)-4]...)
+	old[4] -= 4 // the payload length (< 256 here)
+	m, err := Read(bytes.NewReader(old), 0)
+	if w, ok := m.(*Welcome); err != nil || !ok || w.Generation != 7 || w.HeartbeatMillis != 0 {
+		t.Fatalf("old welcome: %#v %v", m, err)
 	}
 }

@@ -39,6 +39,10 @@ type Welcome struct {
 	DeviceID   string // derived from the public key (see DeviceID)
 	DeviceName string // the device's DNS-safe name in the fleet
 	Generation uint64 // this session's generation; the newest session of a device wins
+	// HeartbeatMillis is the heartbeat interval the relay holds the agent
+	// to: the agent's own, clamped to the relay's bounds. Zero (a relay
+	// that predates the field) means the agent's own.
+	HeartbeatMillis uint32
 }
 
 // Service names one local service of the agent. Its local address never
@@ -253,7 +257,8 @@ func (m *Auth) parse(p []byte) error {
 func (m *Welcome) AppendPayload(b []byte) []byte {
 	b = appendString(b, m.DeviceID)
 	b = appendString(b, m.DeviceName)
-	return binary.BigEndian.AppendUint64(b, m.Generation)
+	b = binary.BigEndian.AppendUint64(b, m.Generation)
+	return binary.BigEndian.AppendUint32(b, m.HeartbeatMillis)
 }
 
 func (m *Welcome) parse(p []byte) error {
@@ -261,6 +266,9 @@ func (m *Welcome) parse(p []byte) error {
 	m.DeviceID = d.string()
 	m.DeviceName = d.string()
 	m.Generation = d.u64()
+	if len(d.p) >= 4 { // appended later: absent from older relays
+		m.HeartbeatMillis = d.u32()
+	}
 	return d.err
 }
 

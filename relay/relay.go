@@ -95,6 +95,11 @@ type Config struct {
 	ConnectLimit, EnrollLimit RateLimit
 	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
 	HandshakeTimeout time.Duration
+	// HeartbeatMin and HeartbeatMax bound the heartbeat interval of
+	// agents: an agent's own is clamped to them and it is told the result
+	// in its welcome, so that a dead agent's routes go within 3×HeartbeatMax.
+	// Zero means 5s and 60s.
+	HeartbeatMin, HeartbeatMax time.Duration
 	// MaxHandshakes caps the agent handshakes in progress at once (before
 	// the key is verified); more wait up to HandshakeTimeout, then get 503
 	// (admission.go).
@@ -210,6 +215,8 @@ func New(cfg Config) (*Server, error) {
 	cfg.MaxStreamsPerSession = cmp.Or(cfg.MaxStreamsPerSession, 1024)
 	cfg.MaxIdleStreams = cmp.Or(cfg.MaxIdleStreams, 256)
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
+	cfg.HeartbeatMin = cmp.Or(cfg.HeartbeatMin, 5*time.Second)
+	cfg.HeartbeatMax = max(cmp.Or(cfg.HeartbeatMax, 60*time.Second), cfg.HeartbeatMin)
 	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 256)
 	cfg.Public = cfg.Public.withDefaults()
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)

@@ -25,7 +25,7 @@ const writeTimeout = 10 * time.Second
 // change: more than registerBurst registrations within registerWindow
 // end the session (each one is a write on the control plane).
 const (
-	registerBurst  = 10
+	registerBurst  = 30
 	registerWindow = 10 * time.Second
 )
 
@@ -304,9 +304,12 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 		return nil, refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
 	}
 	sess.heartbeat = time.Duration(hello.HeartbeatMillis) * time.Millisecond
+	if sess.heartbeat > 0 { // zero: refused below
+		sess.heartbeat = min(max(sess.heartbeat, s.cfg.HeartbeatMin), s.cfg.HeartbeatMax)
+	}
 	sess.upd.agentVersion = hello.AgentVersion
-	if sess.heartbeat < time.Second || sess.heartbeat > 10*time.Minute {
-		return nil, refuse(frames.CodeBadRequest, fmt.Sprintf("heartbeat interval %v is outside 1s..10m", sess.heartbeat))
+	if sess.heartbeat == 0 {
+		return nil, refuse(frames.CodeBadRequest, "hello without a heartbeat interval")
 	}
 	ch := &frames.Challenge{RelayID: s.cfg.RelayID}
 	rand.Read(ch.Nonce[:])
@@ -340,7 +343,8 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 		return nil, refuse(frames.CodeRevoked, "device "+cr.Name+" was revoked")
 	}
 	sess.log = sess.log.With("device", cr.Name, "device_id", cr.DeviceID)
-	sess.send(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation})
+	sess.send(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation,
+		HeartbeatMillis: uint32(sess.heartbeat / time.Millisecond)})
 	reg, err := frames.ReadAs[*frames.Register](ctrl, 0)
 	if err != nil {
 		return nil, refuse(frames.CodeBadRequest, "expected register: "+err.Error())

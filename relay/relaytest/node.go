@@ -111,6 +111,7 @@ func (n *Node) Start() {
 		Replica:          n.Replica,
 		TCPHost:          n.Host,
 		HandshakeTimeout: 5 * time.Second,
+		HeartbeatMin:     100 * time.Millisecond, // tests' agents beat fast to be declared dead fast
 		DrainWindow:      time.Second,
 		HelloInterval:    n.env.HelloInterval,
 		ClusterAddr:      n.ClusterAddr,

@@ -19,6 +19,11 @@ import (
 // it. The session lives while r's context does, so the handler must not
 // return before it is done with the session. A client that does not offer
 // the protocol's subprotocol gets 426 and no upgrade.
+//
+// The session buffers only mux.PreAuthWindow until mux.Trust is called on
+// it, once the peer authenticated. Call it before streams carry bulk data:
+// with the small window, a stream's window updates can wait behind data
+// nobody reads, and the session stalls.
 func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Session, error) {
 	if !offers(r, frames.Subprotocol) {
 		w.Header().Set("Sec-WebSocket-Protocol", frames.Subprotocol)

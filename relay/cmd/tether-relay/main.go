@@ -73,6 +73,8 @@ type spec struct {
 	EnrollRate       string        `split_words:"true" default:"1/s" desc:"enrollment attempts per client address, sustained: N/s, N/m, N/h, or off"`
 	EnrollBurst      int           `split_words:"true" default:"50" desc:"enrollment attempts one client address may make at once"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
+	HeartbeatMin     time.Duration `split_words:"true" default:"5s" desc:"agents' heartbeat intervals are clamped to HEARTBEAT_MIN..HEARTBEAT_MAX (and the agent told): a dead agent loses its routes within 3×HEARTBEAT_MAX"`
+	HeartbeatMax     time.Duration `split_words:"true" default:"60s" desc:"see HEARTBEAT_MIN"`
 	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 10s, then get 503"`
 
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
@@ -200,7 +202,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
-		MaxHandshakes: s.MaxHandshakes,
+		MaxHandshakes: s.MaxHandshakes, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax,
 		Public: relay.PublicLimits{
 			HeaderTimeout: s.PublicHeaderTimeout, IdleTimeout: s.PublicIdleTimeout, BodyMinRate: s.PublicBodyMinRate,
 			ResponseHeaderTimeout: s.PublicResponseTimeout, StreamIdleTimeout: s.PublicStreamIdleTimeout,
