@@ -19,6 +19,12 @@ type metrics struct {
 	enrollments      *prometheus.CounterVec
 	controlQueueFull prometheus.Counter
 
+	// Agent updates (update.go).
+	updateOffers    prometheus.Counter
+	updateDownloads *prometheus.CounterVec
+	updateBytes     prometheus.Counter
+	updateReports   *prometheus.CounterVec
+
 	// The cluster.
 	events          prometheus.Counter
 	eventsDropped   prometheus.Counter
@@ -52,6 +58,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		enrollments:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_enrollments_total", Help: "Enrollment requests by result."}, []string{"result"}),
 		controlQueueFull: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_control_queue_full_total", Help: "Sessions closed because their control queue was full: the agent stopped reading its control stream."}),
 
+		updateOffers:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_update_offers_total", Help: "Agent update offers sent."}),
+		updateDownloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_update_downloads_total", Help: "Agent update downloads (fetch streams), by result (served, cut: ended before the end, refused, busy: another was running)."}, []string{"result"}),
+		updateBytes:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_update_bytes_total", Help: "Bytes of agent binaries sent to agents."}),
+		updateReports:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_update_reports_total", Help: "Agent update statuses received, by state (dropped: over the per-session rate)."}, []string{"state"}),
+
 		events:          prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_device_events_total", Help: "Device events from the control plane applied to the replica."}),
 		eventsDropped:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_device_events_dropped_total", Help: "Times the device event queue overflowed (a snapshot replaced the dropped events)."}),
 		snapshots:       prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_replica_snapshots_total", Help: "Snapshots of the control plane's state taken into the replica."}),
@@ -70,7 +81,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		reg.MustRegister(m.sessions, m.handshakes, m.heartbeats, m.deadSessions, m.protocolErrors, m.streams,
 			m.streamsRefused, m.httpRequests, m.httpErrors, m.tcpConns, m.tcpListenErrors, m.bytes, m.enrollments, m.controlQueueFull,
 			m.events, m.eventsDropped, m.snapshots, m.presenceUpdates, m.replicaLookups, m.cpReachable, m.hellos, m.syncs,
-			m.admissions, m.revocations, m.forwarded, m.forwardFailures, m.tcpUnbound)
+			m.admissions, m.revocations, m.forwarded, m.forwardFailures, m.tcpUnbound,
+			m.updateOffers, m.updateDownloads, m.updateBytes, m.updateReports)
 	}
 	return m
 }

@@ -126,6 +126,7 @@ func (sess *session) offerUpdate() {
 		return
 	}
 	sess.log.Info("offering agent update", "version", rel.Version, "agent_version", u.agentVersion)
+	s.metrics.updateOffers.Inc()
 	sess.send(&frames.UpdateOffer{Version: rel.Version, Manifest: rel.Manifest, Signature: rel.Signature})
 }
 
@@ -145,9 +146,11 @@ func (sess *session) updateStatus(m *frames.UpdateStatus) {
 		return // a state this relay does not know
 	}
 	if !u.limit.Allow() {
+		sess.srv.metrics.updateReports.WithLabelValues("dropped").Inc()
 		sess.log.Debug("agent update status dropped: too many", "version", m.Version, "state", m.State)
 		return
 	}
+	sess.srv.metrics.updateReports.WithLabelValues(m.State).Inc()
 	sess.log.Info("agent update status", "version", m.Version, "state", m.State, "reason", m.Reason)
 	if sess.srv.cfg.Releases == nil {
 		return
@@ -199,6 +202,7 @@ func (sess *session) acceptAgentStreams() {
 			return
 		}
 		if !sess.upd.fetching.CompareAndSwap(false, true) {
+			sess.srv.metrics.updateDownloads.WithLabelValues("busy").Inc()
 			st.Close()
 			continue
 		}
@@ -226,6 +230,7 @@ func (sess *session) serveFetch(st *smux.Stream) {
 	}
 	st.SetReadDeadline(time.Time{})
 	refuse := func(code frames.ErrorCode, msg string) {
+		s.metrics.updateDownloads.WithLabelValues("refused").Inc()
 		sess.log.Info("agent update download refused", "version", f.Version, "arch", f.Arch, "reason", msg)
 		frames.WriteTimeout(st, &frames.StreamRefuse{Code: code, Message: msg}, writeTimeout)
 	}
@@ -263,10 +268,13 @@ func (sess *session) serveFetch(st *smux.Stream) {
 		return
 	}
 	n, err := copyDeadline(st, io.LimitReader(rc, size-int64(f.Offset)), fetchIdle)
+	s.metrics.updateBytes.Add(float64(n))
 	if err != nil && !errors.Is(err, io.EOF) {
+		s.metrics.updateDownloads.WithLabelValues("cut").Inc()
 		sess.log.Info("agent update download ended early", "version", f.Version, "arch", f.Arch, "offset", f.Offset, "sent", n, "err", err)
 		return
 	}
+	s.metrics.updateDownloads.WithLabelValues("served").Inc()
 	sess.log.Debug("agent update download served", "version", f.Version, "arch", f.Arch, "offset", f.Offset, "sent", n)
 }
 

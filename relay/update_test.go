@@ -216,6 +216,28 @@ func TestUpdateOfferAndFetch(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// A flood of statuses is cut to a few.
+	for range 20 {
+		ra.Send(t, &frames.UpdateStatus{Version: "v2.0.0", State: frames.UpdateDownloading})
+	}
+	err = poll(t, 10*time.Second, func() error {
+		if n := e.Counter("tether_relay_update_reports_total", "dropped"); n < 10 {
+			return fmt.Errorf("%v statuses dropped", n)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for result, least := range map[string]float64{"served": 3, "refused": 3, "busy": 1} {
+		if n := e.Counter("tether_relay_update_downloads_total", result); n < least {
+			t.Errorf("%v downloads %s, want at least %v", n, result, least)
+		}
+	}
+	if n := e.Counter("tether_relay_update_offers_total", ""); n != 1 {
+		t.Errorf("%v offers, want 1", n)
+	}
+
 	// On a new session, the release the control plane would offer is
 	// served before the session's first offer: an agent resuming a
 	// download its previous session was offered.
