@@ -35,10 +35,12 @@ tools: ## install what the tests need (Debian): qemu-user-static for the ARM smo
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static shellcheck minisign busybox curl >/dev/null; \
 	else echo "make tools: install qemu-user-static, shellcheck, minisign, busybox and curl (as root) to run the ARM smoke test and check install.sh and release signatures"; fi
 
-test: tools ## go vet, then every test with the race detector (what CI runs), and the patched smux copy's own tests
+test: tools ## go vet, then every test with the race detector (what CI runs), the patched smux copy's own tests, and the agent's fuzzers for 5s each
 	$(GO) vet ./...
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
 	cd frames/wsmux/third_party/smux && CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 5m ./...
+	$(GO) test -run '^$$' -fuzz FuzzEnrollAnswer -fuzztime 5s ./agent
+	$(GO) test -run '^$$' -fuzz FuzzHostileSession -fuzztime 5s ./agent
 
 test-short: ## the tests without the race detector, faster
 	$(GO) test -count=1 ./...

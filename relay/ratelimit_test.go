@@ -3,7 +3,9 @@ package relay_test
 import (
 	"bytes"
 	"crypto/ed25519"
+	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -11,10 +13,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tetherfleet/tether/frames"
+	"github.com/tetherfleet/tether/frames/wsmux"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
@@ -135,5 +139,48 @@ func TestEnrollBruteForce(t *testing.T) {
 				t.Fatalf("the guessing address got %d, want 429", code)
 			}
 		})
+	}
+}
+
+// TestConnectRateLimit: past its burst, an address's upgrades on
+// /_tether/connect are refused with 429 and Retry-After before any
+// session starts; the default lets a fleet of 200 behind one address
+// connect at once.
+func TestConnectRateLimit(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) {
+		c.ConnectLimit = relay.RateLimit{PerSecond: 0.01, Burst: 3}
+	}})
+	for i := range 4 {
+		mux, err := wsmux.Dial(t.Context(), e.RelayURL()+frames.ConnectPath, wsmux.DialOptions{TLS: &tls.Config{RootCAs: e.CA.Pool()}})
+		var he *wsmux.HandshakeError
+		switch {
+		case i < 3 && err != nil:
+			t.Fatalf("connection %d within the burst: %v", i, err)
+		case i < 3:
+			mux.Close()
+		case !errors.As(err, &he) || he.Status != http.StatusTooManyRequests || !strings.Contains(he.Body, "retry in"):
+			t.Fatalf("connection %d past the burst: %v, want 429", i, err)
+		}
+	}
+	if got := e.Counter("tether_relay_rate_limited_total", "connect"); got != 1 {
+		t.Fatalf("metric %v, want 1", got)
+	}
+
+	d := relaytest.Start(t, relaytest.Options{})
+	var wg sync.WaitGroup
+	var refused atomic.Int32
+	for range 200 {
+		wg.Go(func() {
+			mux, err := wsmux.Dial(t.Context(), d.RelayURL()+frames.ConnectPath, wsmux.DialOptions{TLS: &tls.Config{RootCAs: d.CA.Pool()}})
+			if err != nil {
+				refused.Add(1)
+				return
+			}
+			mux.Close()
+		})
+	}
+	wg.Wait()
+	if n := refused.Load(); n != 0 {
+		t.Fatalf("%d of 200 connections from one address refused under the default limit", n)
 	}
 }
