@@ -226,6 +226,9 @@ func TestContract(t *testing.T) {
 				t.Errorf("/metrics lacks %s", m)
 			}
 		}
+		// Profiles only with TETHER_PPROF=1 (not set here).
+		get(t, http.DefaultClient, "http://"+addr["ops"]+"/debug/pprof/", 404)
+		get(t, http.DefaultClient, "http://"+addr["ops"]+"/debug/pprof/heap", 404)
 	})
 
 	t.Run("no secret in any log line", func(t *testing.T) {
