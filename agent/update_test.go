@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"aead.dev/minisign"
@@ -172,6 +174,93 @@ func FuzzOffer(f *testing.F) {
 		// Only the seed's signed manifest verifies.
 		if string(o.Manifest) != string(good.Manifest) || rel.Version != "v2.0.0" {
 			t.Fatalf("took an offer not signed by the agent's key: %q", o.Manifest)
+		}
+	})
+}
+
+// TestTakeOffer drives the whole offer in a synctest bubble over a piped
+// session: the relay cuts the first download stream halfway, the agent
+// fetches again from where it stopped, never faster than its rate, checks
+// and swaps the binary, says downloading, and ends Run for the restart.
+func TestTakeOffer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		keys, priv := releaseKey(t)
+		binary := make([]byte, 256<<10)
+		for i := range binary {
+			binary[i] = byte(i * 7)
+		}
+		a := offerAgent(t, "v1.0.0", keys)
+		a.cfg.UpdateRate = 64 << 10
+		p := newPipeSession(t, a)
+		a.cur.Store(p.c)
+		ctx, cancel := context.WithCancelCause(t.Context())
+		defer cancel(nil)
+		a.restart = cancel
+
+		var offsets []uint64
+		relayDone := make(chan struct{})
+		go func() { // the relay: two fetches, the first one cut
+			defer close(relayDone)
+			for i := range 2 {
+				st, err := p.relayMux.AcceptStream()
+				if err != nil {
+					return
+				}
+				m, err := frames.Read(st, 0)
+				f, ok := m.(*frames.Fetch)
+				if err != nil || !ok || f.Version != "v2.0.0" || f.Arch != "arm64" {
+					t.Errorf("fetch %d: %#v, %v", i, m, err)
+					st.Close()
+					return
+				}
+				offsets = append(offsets, f.Offset)
+				frames.Write(st, &frames.StreamAccept{})
+				end := len(binary)
+				if i == 0 {
+					end = len(binary) / 2
+				}
+				st.Write(binary[f.Offset:end])
+				st.Close()
+			}
+		}()
+		statuses := make(chan *frames.UpdateStatus, 8)
+		go func() {
+			for {
+				m, err := frames.Read(p.relayCtrl, 0)
+				if err != nil {
+					close(statuses)
+					return
+				}
+				if s, ok := m.(*frames.UpdateStatus); ok {
+					statuses <- s
+				}
+			}
+		}()
+
+		start := time.Now()
+		a.takeOffer(ctx, signedOffer(t, priv, "v2.0.0", "arm64", binary))
+		took := time.Since(start)
+		<-relayDone
+		if len(offsets) != 2 || offsets[0] != 0 || offsets[1] != uint64(len(binary)/2) {
+			t.Fatalf("fetched at %v, want 0 then %d", offsets, len(binary)/2)
+		}
+		// 256 KiB at 64 KiB/s, less the first burst of 32 KiB.
+		if least := 3500 * time.Millisecond; took < least {
+			t.Errorf("downloaded in %v, under the rate (at least %v)", took, least)
+		}
+		if cause := context.Cause(ctx); !errors.Is(cause, update.ErrRestart) {
+			t.Fatalf("run not ended for a restart: %v", cause)
+		}
+		if b, err := os.ReadFile(a.cfg.Updater.Binary()); err != nil || string(b) != string(binary) {
+			t.Fatalf("binary not swapped in (%d bytes, %v)", len(b), err)
+		}
+		p.c.close()
+		var got []string
+		for s := range statuses {
+			got = append(got, s.State)
+		}
+		if len(got) != 1 || got[0] != frames.UpdateDownloading {
+			t.Errorf("statuses %v, want downloading", got)
 		}
 	})
 }
