@@ -232,10 +232,22 @@ func TestRefusedUpgradeNegativeContentLength(t *testing.T) {
 	}
 }
 
+// handshakeFrames are a relay's side of a valid handshake.
+func handshakeFrames(id *identity) (*frames.Challenge, *frames.Welcome, *frames.Leases) {
+	return &frames.Challenge{RelayID: "relay-1"},
+		&frames.Welcome{DeviceID: frames.DeviceID(id.pub[:]), DeviceName: "pi01", Generation: 1},
+		&frames.Leases{Leases: []frames.Lease{{Service: "web", Proto: "http", Hostname: "web-pi01.localhost"}}}
+}
+
+// validHandshake is handshakeFrames as bytes.
+func validHandshake(id *identity) []byte {
+	ch, wel, ls := handshakeFrames(id)
+	return frames.Append(frames.Append(frames.Append(nil, ch), wel), ls)
+}
+
 // sessionSeeds are control-stream byte sequences a relay might send after
 // the agent's hello: the valid handshake and its variations.
 func sessionSeeds(id *identity) [][]byte {
-	devID := frames.DeviceID(id.pub[:])
 	seq := func(ms ...frames.Message) []byte {
 		var b []byte
 		for _, m := range ms {
@@ -243,9 +255,7 @@ func sessionSeeds(id *identity) [][]byte {
 		}
 		return b
 	}
-	ch := &frames.Challenge{RelayID: "relay-1"}
-	wel := &frames.Welcome{DeviceID: devID, DeviceName: "pi01", Generation: 1}
-	ls := &frames.Leases{Leases: []frames.Lease{{Service: "web", Proto: "http", Hostname: "web-pi01.localhost"}}}
+	ch, wel, ls := handshakeFrames(id)
 	many := &frames.Leases{}
 	for i := range 300 {
 		many.Leases = append(many.Leases, frames.Lease{Service: fmt.Sprint("s", i), Proto: "tcp", Port: uint16(i)})
@@ -269,11 +279,12 @@ func sessionSeeds(id *identity) [][]byte {
 }
 
 // FuzzHostileSession: the agent's side of a session against a relay that
-// sends data[1:] after the agent's hello, over a real smux session on
-// loopback TCP: on the control stream (data[0] even), or raw under smux
-// (data[0] odd: smux frames of its own making, or garbage). The handshake
-// and the control loop return, with an error or not; nothing panics and
-// nothing waits past the deadlines.
+// sends data[1:], over a real smux session on loopback TCP, by data[0]%3:
+// 0, on the control stream after the agent's hello; 1, raw under smux
+// (smux frames of its own making, or garbage); 2, on a data stream it opens
+// after a valid handshake (the agent's StreamOpen decoding). The handshake,
+// the control loop and the data stream return, with an error or not;
+// nothing panics and nothing waits past the deadlines.
 func FuzzHostileSession(f *testing.F) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -292,11 +303,16 @@ func FuzzHostileSession(f *testing.F) {
 	f.Add(append([]byte{1}, rawSmux...))
 	f.Add(append([]byte{1}, 1, 2, 0xff, 0xff, 1, 0, 0, 0)) // PSH with 64 KiB announced, none sent
 	f.Add([]byte{1, 9, 9, 9, 9, 9, 9, 9, 9})
+	for _, m := range []frames.Message{&frames.StreamOpen{Service: "web", ClientAddr: "192.0.2.1:1234"},
+		&frames.StreamOpen{Service: "nope"}, &frames.StreamOpen{Service: strings.Repeat("w", 5000)}, &frames.Heartbeat{Seq: 1}} {
+		f.Add(append([]byte{2}, frames.Append(nil, m)...))
+	}
+	f.Add([]byte{2, 0xff, 0xff, 0xff, 0xff, 0xff})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) == 0 {
 			return
 		}
-		underSmux, payload := data[0]%2 == 1, data[1:]
+		mode, payload := data[0]%3, data[1:]
 		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 		defer cancel()
 		relayDone := make(chan struct{})
@@ -308,7 +324,11 @@ func FuzzHostileSession(f *testing.F) {
 			}
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(8 * time.Second))
-			hostileRelay(c, payload, underSmux, a.cfg.Mux.Smux())
+			if mode == 2 {
+				streamRelay(c, id, payload, a.cfg.Mux.Smux())
+				return
+			}
+			hostileRelay(c, payload, mode == 1, a.cfg.Mux.Smux())
 		}()
 		nc, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
@@ -375,6 +395,42 @@ func hostileRelay(c net.Conn, payload []byte, underSmux bool, conf *smux.Config)
 	st.Write(payload)
 	st.CloseWrite() // FIN: the agent reads the end of the stream
 	io.Copy(io.Discard, st)
+}
+
+// streamRelay plays a relay that completes the handshake, opens a data
+// stream to the agent, writes payload on it and ends its side, reads the
+// agent's answer, then drains the session.
+func streamRelay(c net.Conn, id *identity, payload []byte, conf *smux.Config) (answer []byte) {
+	s, err := smux.Server(c, conf)
+	if err != nil {
+		return
+	}
+	defer s.Close()
+	ctrl, err := s.AcceptStream()
+	if err != nil {
+		return
+	}
+	if _, err := frames.Read(ctrl, 0); err != nil { // the hello
+		return
+	}
+	ctrl.Write(validHandshake(id))
+	for range 2 { // auth, register
+		if _, err := frames.Read(ctrl, 0); err != nil {
+			return
+		}
+	}
+	st, err := s.OpenStream()
+	if err != nil {
+		return
+	}
+	st.Write(payload)
+	st.CloseWrite()
+	answer, _ = io.ReadAll(io.LimitReader(st, 1<<20)) // until the agent closes
+	st.Close()
+	frames.Write(ctrl, &frames.Drain{Reason: "done"})
+	ctrl.CloseWrite()
+	io.Copy(io.Discard, ctrl)
+	return answer
 }
 
 // TestHostileSessionSeeds runs the seed corpora's hand-written cases with
@@ -471,5 +527,71 @@ func TestEnrollmentAnswerMustDescribeThisDevice(t *testing.T) {
 	got, err := a.loadIdentity(t.Context())
 	if err != nil || got.DeviceID != frames.DeviceID(id.pub[:]) || got.Name != "pi01" {
 		t.Fatalf("good answer: %+v %v", got, err)
+	}
+}
+
+// TestHostileDataStreams: on a data stream a relay opens, the agent
+// answers a StreamOpen for an unknown service, or one it cannot reach,
+// with the matching refusal, and anything else by closing the stream.
+func TestHostileDataStreams(t *testing.T) {
+	id, err := loadOrCreateKey(filepath.Join(t.TempDir(), keyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		payload []byte
+		code    frames.ErrorCode // 0: no answer
+	}{
+		{"unknown service", frames.Append(nil, &frames.StreamOpen{Service: "nope"}), frames.CodeUnknownService},
+		{"unreachable service", frames.Append(nil, &frames.StreamOpen{Service: "web"}), frames.CodeDialFailed},
+		{"not a stream open", frames.Append(nil, &frames.Heartbeat{Seq: 1}), 0},
+		{"oversized", []byte{0xff, 0xff, 0xff, 0xff, 0xff}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newHostileSessionAgent(t)
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			answer := make(chan []byte, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					answer <- nil
+					return
+				}
+				defer c.Close()
+				answer <- streamRelay(c, id, tc.payload, a.cfg.Mux.Smux())
+			}()
+			nc, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			mux, _ := smux.Client(nc, a.cfg.Mux.Smux())
+			c := &conn{a: a, relay: "hostile", mux: mux}
+			ctx, cancel := context.WithTimeout(t.Context(), 8*time.Second)
+			defer cancel()
+			if err := c.handshake(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.serve(ctx); err == nil || !strings.Contains(err.Error(), "drain") {
+				t.Fatalf("serve: %v, want the drain", err)
+			}
+			c.close()
+			a.wg.Wait()
+			got := <-answer
+			if tc.code == 0 {
+				if len(got) != 0 {
+					t.Fatalf("answered %x", got)
+				}
+				return
+			}
+			m, err := frames.Read(bytes.NewReader(got), 0)
+			if r, ok := m.(*frames.StreamRefuse); err != nil || !ok || r.Code != tc.code {
+				t.Fatalf("answer %#v %v, want a refusal with code %v", m, err, tc.code)
+			}
+		})
 	}
 }
