@@ -380,39 +380,73 @@ func hostileRelay(c net.Conn, payload []byte, underSmux bool, conf *smux.Config)
 		io.Copy(io.Discard, c)
 		return
 	}
-	s, err := smux.Server(c, conf)
+	s, st, err := acceptHello(c, conf)
 	if err != nil {
 		return
 	}
 	defer s.Close()
-	st, err := s.AcceptStream()
-	if err != nil {
-		return
-	}
-	if _, err := frames.Read(st, 0); err != nil { // the hello
-		return
-	}
 	st.Write(payload)
 	st.CloseWrite() // FIN: the agent reads the end of the stream
 	io.Copy(io.Discard, st)
+}
+
+// acceptHello runs the relay's side of smux on c and reads the agent's
+// hello on its control stream.
+func acceptHello(c net.Conn, conf *smux.Config) (*smux.Session, *smux.Stream, error) {
+	s, err := smux.Server(c, conf)
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := s.AcceptStream()
+	if err == nil {
+		_, err = frames.Read(st, 0)
+	}
+	if err != nil {
+		s.Close()
+		return nil, nil, err
+	}
+	return s, st, nil
+}
+
+// hostileConn is an agent session with relay, which serves the one
+// connection over loopback TCP; the session closes when the test ends.
+func hostileConn(t *testing.T, a *Agent, relay func(net.Conn)) *conn {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			relay(nil)
+			return
+		}
+		defer c.Close()
+		relay(c)
+	}()
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux, err := smux.Client(nc, a.cfg.Mux.Smux())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &conn{a: a, relay: "hostile", mux: mux}
+	t.Cleanup(func() { c.close(); a.wg.Wait() })
+	return c
 }
 
 // streamRelay plays a relay that completes the handshake, opens a data
 // stream to the agent, writes payload on it and ends its side, reads the
 // agent's answer, then drains the session.
 func streamRelay(c net.Conn, id *identity, payload []byte, conf *smux.Config) (answer []byte) {
-	s, err := smux.Server(c, conf)
+	s, ctrl, err := acceptHello(c, conf)
 	if err != nil {
 		return
 	}
 	defer s.Close()
-	ctrl, err := s.AcceptStream()
-	if err != nil {
-		return
-	}
-	if _, err := frames.Read(ctrl, 0); err != nil { // the hello
-		return
-	}
 	ctrl.Write(validHandshake(id))
 	for range 2 { // auth, register
 		if _, err := frames.Read(ctrl, 0); err != nil {
@@ -456,29 +490,14 @@ func TestHostileSessionSeeds(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a := newHostileSessionAgent(t)
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					return
+			c := hostileConn(t, a, func(c net.Conn) {
+				if c != nil {
+					hostileRelay(c, tc.payload, false, a.cfg.Mux.Smux())
 				}
-				defer c.Close()
-				hostileRelay(c, tc.payload, false, a.cfg.Mux.Smux())
-			}()
-			nc, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			mux, _ := smux.Client(nc, a.cfg.Mux.Smux())
-			c := &conn{a: a, relay: "hostile", mux: mux}
-			defer func() { c.close(); a.wg.Wait() }()
+			})
 			ctx, cancel := context.WithTimeout(t.Context(), 8*time.Second)
 			defer cancel()
-			err = c.handshake(ctx, id)
+			err := c.handshake(ctx, id)
 			if tc.handshake != "" {
 				if err == nil || !strings.Contains(strings.ToLower(err.Error()), strings.ToLower(tc.handshake)) {
 					t.Fatalf("handshake: %v, want %q", err, tc.handshake)
@@ -550,27 +569,14 @@ func TestHostileDataStreams(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a := newHostileSessionAgent(t)
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
 			answer := make(chan []byte, 1)
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
+			c := hostileConn(t, a, func(c net.Conn) {
+				if c == nil {
 					answer <- nil
 					return
 				}
-				defer c.Close()
 				answer <- streamRelay(c, id, tc.payload, a.cfg.Mux.Smux())
-			}()
-			nc, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			mux, _ := smux.Client(nc, a.cfg.Mux.Smux())
-			c := &conn{a: a, relay: "hostile", mux: mux}
+			})
 			ctx, cancel := context.WithTimeout(t.Context(), 8*time.Second)
 			defer cancel()
 			if err := c.handshake(ctx, id); err != nil {
