@@ -286,11 +286,6 @@ func sessionSeeds(id *identity) [][]byte {
 // the control loop and the data stream return, with an error or not;
 // nothing panics and nothing waits past the deadlines.
 func FuzzHostileSession(f *testing.F) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(func() { ln.Close() })
 	a := newHostileSessionAgent(f)
 	id, err := loadOrCreateKey(filepath.Join(f.TempDir(), keyFile))
 	if err != nil {
@@ -316,29 +311,18 @@ func FuzzHostileSession(f *testing.F) {
 		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 		defer cancel()
 		relayDone := make(chan struct{})
-		go func() {
+		c := hostileConn(t, a, func(c net.Conn) {
 			defer close(relayDone)
-			c, err := ln.Accept()
-			if err != nil {
+			if c == nil {
 				return
 			}
-			defer c.Close()
 			c.SetDeadline(time.Now().Add(8 * time.Second))
 			if mode == 2 {
 				streamRelay(c, id, payload, a.cfg.Mux.Smux())
 				return
 			}
 			hostileRelay(c, payload, mode == 1, a.cfg.Mux.Smux())
-		}()
-		nc, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		mux, err := smux.Client(nc, a.cfg.Mux.Smux())
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := &conn{a: a, relay: "hostile", mux: mux}
+		})
 		stop := context.AfterFunc(ctx, c.close)
 		if err := c.handshake(ctx, id); err == nil {
 			c.serve(ctx)
@@ -409,7 +393,8 @@ func acceptHello(c net.Conn, conf *smux.Config) (*smux.Session, *smux.Stream, er
 }
 
 // hostileConn is an agent session with relay, which serves the one
-// connection over loopback TCP; the session closes when the test ends.
+// connection over loopback TCP (nil if none came); the session closes
+// when the test ends.
 func hostileConn(t *testing.T, a *Agent, relay func(net.Conn)) *conn {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
