@@ -215,10 +215,14 @@ func (b *boundedLog) note(client, msg string, attrs ...any) {
 	b.log.Warn(msg, append(attrs, "count", count, "clients", clients, "client", first, "next_summary_after", b.interval)...)
 }
 
-// edgeLimits are the relay's per-client limits on its agent endpoints.
+// edgeLimits are the relay's per-client limits on its agent endpoints, and
+// the bounded logs of what anyone may cause there at will.
 type edgeLimits struct {
-	connect, enroll *limiter    // nil: no limit
-	enrollRefusals  *boundedLog // refused enrollments (bad tokens), summarised
+	connect, enroll *limiter // nil: no limit
+	// Refused enrollments (bad tokens), refused upgrades (not a WebSocket)
+	// and failed handshakes (unknown keys): one line per 10s with the
+	// count, each at debug; the metrics count each.
+	enrollRefusals, upgradeRefusals, handshakeFailures *boundedLog
 }
 
 func newEdgeLimits(cfg Config, log *slog.Logger, reg prometheus.Registerer) *edgeLimits {
@@ -230,6 +234,7 @@ func newEdgeLimits(cfg Config, log *slog.Logger, reg prometheus.Registerer) *edg
 	return &edgeLimits{
 		connect:        newLimiter("connect", cfg.ConnectLimit, DefaultConnectLimit, refused, log),
 		enroll:         newLimiter("enroll", cfg.EnrollLimit, DefaultEnrollLimit, refused, log),
-		enrollRefusals: newBoundedLog(log, 10*time.Second),
+		enrollRefusals: newBoundedLog(log, 10*time.Second), upgradeRefusals: newBoundedLog(log, 10*time.Second),
+		handshakeFailures: newBoundedLog(log, 10*time.Second),
 	}
 }

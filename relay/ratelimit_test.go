@@ -184,3 +184,39 @@ func TestConnectRateLimit(t *testing.T) {
 		t.Fatalf("%d of 200 connections from one address refused under the default limit", n)
 	}
 }
+
+// TestFailedAgentAttemptsLogBounded: unknown keys and requests that are no
+// WebSocket upgrade on /_tether/connect, as a scanner sends, are each
+// counted but logged once per interval with their count, not per attempt
+// (before: one INFO line each).
+func TestFailedAgentAttemptsLogBounded(t *testing.T) {
+	const n = 40
+	logs := &lineLog{}
+	e := relaytest.Start(t, relaytest.Options{Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+	for range n {
+		ra := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
+		_, key, _ := ed25519.GenerateKey(nil)
+		ra.Key = key
+		copy(ra.Pub[:], key.Public().(ed25519.PublicKey))
+		ra.Send(t, &frames.Hello{PublicKey: ra.Pub, HeartbeatMillis: 15000})
+		if ch, ok := ra.Recv(t).(*frames.Challenge); ok {
+			ra.Send(t, ra.Sign(ch.Nonce, ch.RelayID))
+		}
+		if fe := ra.ClosedWith(t, 10*time.Second); fe == nil || fe.Code != frames.CodeUnauthorized {
+			t.Fatalf("an unknown key: %v, want unauthorized", fe)
+		}
+		resp, err := e.Client().Get("https://localhost" + frames.ConnectPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	failed, refused := logs.count("agent handshakes failed"), logs.count("agent upgrades refused")
+	t.Logf("FIGURE %d unknown keys and %d plain GETs on %s: %d and %d log lines (before: %d and %d)", n, n, frames.ConnectPath, failed, refused, n, n)
+	if failed < 1 || failed > 2 || refused < 1 || refused > 2 {
+		t.Fatalf("%d handshake failure lines, %d upgrade refusal lines for %d of each", failed, refused, n)
+	}
+	if got := e.Counter("tether_relay_handshakes_total", "unauthorized"); got != n {
+		t.Errorf("tether_relay_handshakes_total{result=unauthorized} %v, want %d", got, n)
+	}
+}

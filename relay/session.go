@@ -152,7 +152,8 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	mux, err := wsserver.Accept(w, r, s.cfg.Mux)
 	if err != nil {
 		s.metrics.handshakes.WithLabelValues("protocol").Inc()
-		s.log.Info("agent upgrade refused", "remote", r.RemoteAddr, "err", err)
+		s.log.Debug("agent upgrade refused", "remote", r.RemoteAddr, "err", err)
+		s.limits.upgradeRefusals.note(r.RemoteAddr, "agent upgrades refused", "err", err) // one line per 10s (ratelimit.go)
 		return
 	}
 	s.runSession(r.Context(), mux, r.RemoteAddr, release)
@@ -178,7 +179,8 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 	if err != nil {
 		sess.releaseSync()
 		s.metrics.handshakes.WithLabelValues(handshakeResult(err)).Inc()
-		sess.log.Info("agent handshake failed", "err", err)
+		sess.log.Debug("agent handshake failed", "err", err)
+		s.limits.handshakeFailures.note(remote, "agent handshakes failed", "err", err) // one line per 10s (ratelimit.go)
 		if sess.deviceID != "" {
 			s.goodbye(sess) // connected, then failed: nothing may count it online
 		}
