@@ -494,7 +494,9 @@ func TestInstallScriptNeverDowngrades(t *testing.T) {
 	arch := hostArch(t)
 	key := newReleaseKey(t)
 	srv := startReleaseServer(t, []string{key.pub})
-	agent := func(v string) []byte { return []byte("#!/bin/sh\necho 'tether-agent " + v + " go1.26.8 linux/" + arch + "'\n") }
+	agent := func(v string) []byte {
+		return []byte("#!/bin/sh\necho 'tether-agent " + v + " go1.26.8 linux/" + arch + "'\n")
+	}
 	scriptPath := filepath.Join(t.TempDir(), "install.sh")
 	writeFile(t, scriptPath, srv.script, 0o644)
 	in := installer{t: t, shell: []string{"sh"}, root: t.TempDir(), script: scriptPath}

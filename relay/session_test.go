@@ -113,6 +113,7 @@ func newPipeRelay(t *testing.T) *pipeRelay {
 		ControlPlane:     p.cp,
 		Replica:          rep,
 		HandshakeTimeout: 5 * time.Second,
+		HeartbeatMin:     100 * time.Millisecond, // raw agents beat every second
 		DrainWindow:      4 * time.Second,
 		Logger:           slog.New(slog.NewTextHandler(t.Output(), nil)),
 		Registerer:       p.metrics,
