@@ -78,6 +78,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		}
 	}()
 	a.watch(ctx)
+	for _, s := range a.cfg.Services {
+		if frames.LegacyServiceName(s.Name) {
+			a.log.Warn("service name with '-': it keeps the hostname it holds, but a relay gives such a name no new one; rename it (no '-')", "service", s.Name)
+		}
+	}
 	for _, u := range a.cfg.RelayURLs {
 		if strings.HasPrefix(u, "ws://") {
 			a.log.Warn("INSECURE: relay URL without TLS; the enrollment token and the session travel in cleartext (TETHER_INSECURE)", "relay", u)

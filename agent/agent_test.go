@@ -33,11 +33,17 @@ func TestParseServices(t *testing.T) {
 		"web=http://127.0.0.1":         "HOST:PORT",
 		"web=http://127.0.0.1:80/path": "no path",
 		"web=http://127.0.0.1:80,web=tcp://[::1]:1": "twice",
+		"xn--web=http://127.0.0.1:80":               `"xn--web"`,
 	}
 	for in, says := range bad {
 		if _, err := ParseServices(in); err == nil || !strings.Contains(err.Error(), says) {
 			t.Errorf("ParseServices(%q) = %v, want an error saying %s", in, err, says)
 		}
+	}
+	// A name of the older grammar, with '-', still parses: the relay keeps
+	// the hostname it holds.
+	if legacy, err := ParseServices("my-web=http://127.0.0.1:80"); err != nil || legacy[0].Name != "my-web" {
+		t.Errorf("legacy name: %v %v", legacy, err)
 	}
 }
 

@@ -127,7 +127,7 @@ func parseService(entry string) (Service, error) {
 	if !ok {
 		return Service{}, errors.New("want NAME=PROTO://HOST:PORT")
 	}
-	if err := frames.ValidServiceName(name); err != nil {
+	if err := frames.ValidServiceName(name); err != nil && !frames.LegacyServiceName(name) {
 		return Service{}, err
 	}
 	u, err := url.Parse(rawURL)
