@@ -32,6 +32,7 @@ type Device struct {
 	EnrolledAt   time.Time         `json:"enrolled_at"`
 	RevokedAt    time.Time         `json:"revoked_at,omitzero"`
 	TokenID      string            `json:"token_id,omitempty"` // the token that enrolled it
+	Replaced     string            `json:"replaced,omitempty"` // ID of the revoked device whose name and leases it took (tetherctl device replace)
 	AgentVersion string            `json:"agent_version,omitempty"`
 	Services     []Service         `json:"services,omitempty"` // as last registered
 
@@ -82,6 +83,9 @@ type Token struct {
 	ExpiresAt time.Time         `json:"expires_at"`
 	Labels    map[string]string `json:"labels,omitempty"`
 	CreatedAt time.Time         `json:"created_at"`
+	// Replaces is the ID of a revoked device whose name and leases the
+	// device this token enrolls takes over (tetherctl device replace).
+	Replaces string `json:"replaces,omitempty"`
 }
 
 // TokenPrefix starts every enrollment token so that secret scanners find leaked ones.

@@ -112,6 +112,7 @@ const (
 	EventSession   = "session"    // a new session started on RelayID: older generations end
 	EventOffline   = "offline"    // the session of Generation ended
 	EventLeases    = "leases"     // the device's leases changed: Leases holds them all
+	EventDeleted   = "deleted"    // the device was deleted (or replaced): forget it and its leases
 	EventRelayDown = "relay-down" // every session of RelayID ended (it restarted or fell silent)
 )
 

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tetherfleet/tether/controlplane"
+	"github.com/tetherfleet/tether/controlplane/natsapi"
+	"github.com/tetherfleet/tether/controlplane/natsperm"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
@@ -147,5 +150,58 @@ func TestLeaseRelease(t *testing.T) {
 	ra.Send(t, &frames.Register{Services: []frames.Service{{Name: "web", Proto: "http"}}})
 	if ls, ok := ra.Recv(t).(*frames.Leases); !ok || len(ls.Leases) != 1 || ls.Leases[0].Hostname != "web-pi01-2.localhost" {
 		t.Fatalf("web again during the quarantine: %+v", ls)
+	}
+}
+
+// TestDeviceReplaced: a revoked device's replacement (a new key, enrolled
+// with the token tetherctl device replace prints) is served under the old
+// device's hostname by every relay; the old key stays refused.
+func TestDeviceReplaced(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{})
+	b := e.AddRelay("relay-b")
+	_, oldKey, _ := ed25519.GenerateKey(nil)
+	e.Enroll(t, oldKey, "pi01")
+	old := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
+	old.Handshake(t, oldKey, frames.Service{Name: "web", Proto: "http"})
+	ctx := context.Background()
+	_, token, _, err := e.CP.Service.ReplaceDevice(ctx, "pi01", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := old.ClosedWith(t, 10*time.Second); got == nil || got.Code != frames.CodeRevoked {
+		t.Fatalf("the replaced device's session: %v", got)
+	}
+	nc, err := e.NATS.ConnectAs(natsperm.Relay, "test enroller")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	_, newKey, _ := ed25519.GenerateKey(nil)
+	resp, err := (&natsapi.Client{NC: nc}).Enroll(ctx, controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(token),
+		EnrollDevice: frames.EnrollDevice{PublicKey: newKey.Public().(ed25519.PublicKey), Name: "pi99"}})
+	if err != nil || resp.Name != "pi01" {
+		t.Fatalf("enroll the replacement: %+v %v", resp, err)
+	}
+	repl := relaytest.DialRaw(t, b.URL(), e.CA.Pool())
+	ls := repl.Handshake(t, newKey, frames.Service{Name: "web", Proto: "http"})
+	if ls.Leases[0].Hostname != "web-pi01.localhost" {
+		t.Fatalf("the replacement's lease: %+v", ls)
+	}
+	repl.ServeHTTP(t, echoHandler)
+	e.AwaitPage(false, "web-pi01.localhost", "/", 200, "", 10*time.Second)
+	b.AwaitPage(false, "web-pi01.localhost", "/", 200, "", 10*time.Second)
+	again := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
+	again.Send(t, &frames.Hello{PublicKey: [32]byte(oldKey.Public().(ed25519.PublicKey)), HeartbeatMillis: 1000})
+	ch := again.Recv(t).(*frames.Challenge)
+	again.Key = oldKey
+	copy(again.Pub[:], oldKey.Public().(ed25519.PublicKey))
+	again.Send(t, again.Sign(ch.Nonce, ch.RelayID))
+	if got := again.ClosedWith(t, 10*time.Second); got == nil || got.Code == 0 {
+		t.Fatalf("the old key after the replacement: %v", got)
+	}
+	for _, n := range []*relaytest.Node{b} {
+		if _, ok := n.Replica.Device(frames.DeviceID(oldKey.Public().(ed25519.PublicKey))); ok {
+			t.Errorf("relay %s still knows the replaced device", n.ID)
+		}
 	}
 }

@@ -432,3 +432,70 @@ func TestLeaseQuotaAndQuarantine(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestDeleteAndReplace: a device is deleted only once revoked, and its
+// names go into quarantine; a replacement device takes a revoked one's
+// name, labels and leases, and the old key stays refused.
+func TestDeleteAndReplace(t *testing.T) {
+	c := newClock()
+	s, err := Open(Config{Path: filepath.Join(t.TempDir(), "cp.db"), Now: c.Now, Quarantine: time.Hour,
+		TCPPorts: controlplane.PortRange{First: 20000, Last: 20009}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	web, ssh := controlplane.Service{Name: "web", Proto: "http"}, controlplane.Service{Name: "ssh", Proto: "tcp"}
+	oldKey := enrolled(t, s, "pi01")
+	_, before := connectRegister(t, s, oldKey, web, ssh)
+
+	// Replace: only a revoked device.
+	_, _, err = s.CreateReplaceToken(t.Context(), "pi01", time.Hour)
+	wantKind(t, err, controlplane.KindConflict)
+	if _, err := s.Revoke(t.Context(), "pi01"); err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := s.CreateReplaceToken(t.Context(), "pi01", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newKey := key(t)
+	resp, err := s.Enroll(t.Context(), controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok),
+		EnrollDevice: frames.EnrollDevice{PublicKey: newKey, Name: "other", NameIsDefault: true}})
+	if err != nil || resp.Name != "pi01" || resp.DeviceID != frames.DeviceID(newKey) {
+		t.Fatalf("enroll the replacement: %+v %v", resp, err)
+	}
+	c.Add(time.Minute)
+	_, after := connectRegister(t, s, newKey, web, ssh)
+	if after[0].Hostname != before[0].Hostname || after[1].Port != before[1].Port || after[0].DeviceID != resp.DeviceID {
+		t.Fatalf("leases after the replacement %+v, before %+v", after, before)
+	}
+	d, _ := s.Device(t.Context(), "pi01")
+	if d.Replaced != frames.DeviceID(oldKey) || d.Labels["site"] != "lab" {
+		t.Fatalf("replacement device: %+v", d)
+	}
+	_, err = s.Connect(t.Context(), controlplane.ConnectRequest{PublicKey: oldKey, RelayID: "r1"})
+	wantKind(t, err, controlplane.KindUnauthorized) // the old key is gone
+	// The token was for one replacement.
+	_, err = s.Enroll(t.Context(), controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(tok), EnrollDevice: frames.EnrollDevice{PublicKey: key(t), Name: "x"}})
+	wantKind(t, err, controlplane.KindUnauthorized)
+
+	// Delete: only a revoked device; its names go into quarantine.
+	_, _, err = s.DeleteDevice(t.Context(), "pi01", false)
+	wantKind(t, err, controlplane.KindConflict)
+	s.Revoke(t.Context(), "pi01")
+	gone, leases, err := s.DeleteDevice(t.Context(), "pi01", false)
+	if err != nil || gone.Name != "pi01" || len(leases) != 2 {
+		t.Fatalf("delete: %+v %+v %v", gone, leases, err)
+	}
+	if all, _ := s.Leases(t.Context()); len(all) != 0 {
+		t.Fatalf("leases left: %+v", all)
+	}
+	k3 := enrolled(t, s, "pi01") // the name is free again, its hostname not yet
+	_, l3 := connectRegister(t, s, k3, web, ssh)
+	if l3[0].Hostname != "web-pi01-2" || l3[1].Port == before[1].Port {
+		t.Fatalf("during the quarantine: %+v", l3)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -59,22 +59,31 @@ func (s *Store) Enroll(ctx context.Context, req controlplane.EnrollRequest) (con
 		if tok.Used >= tok.Uses {
 			return controlplane.Errorf(controlplane.KindUnauthorized, "enrollment token %s is used up (%d of %d uses)", tok.ID, tok.Used, tok.Uses)
 		}
-		name, err := pickName(tx.Bucket(bucketNames), req.Name, req.NameIsDefault)
-		if err != nil {
-			return err
-		}
 		tok.Used++
 		d = controlplane.Device{
-			ID: id, Name: name, PublicKey: req.PublicKey, Labels: tok.Labels,
+			ID: id, PublicKey: req.PublicKey, Labels: tok.Labels,
 			EnrolledAt: now, TokenID: tok.ID, AgentVersion: req.AgentVersion,
+		}
+		if tok.Replaces != "" {
+			// A replacement: the revoked device's name and leases, whatever
+			// name the new one asked for.
+			if err := takeOver(tx, &d, tok.Replaces); err != nil {
+				return err
+			}
+		} else {
+			name, err := pickName(tx.Bucket(bucketNames), req.Name, req.NameIsDefault)
+			if err != nil {
+				return err
+			}
+			d.Name = name
+			if err := tx.Bucket(bucketNames).Put([]byte(name), []byte(id)); err != nil {
+				return err
+			}
 		}
 		if err := putJSON(tokens, key, tok); err != nil {
 			return err
 		}
-		if err := tx.Bucket(bucketNames).Put([]byte(name), []byte(id)); err != nil {
-			return err
-		}
-		resp = controlplane.EnrollResponse{DeviceID: id, Name: name}
+		resp = controlplane.EnrollResponse{DeviceID: id, Name: d.Name}
 		return putJSON(tx.Bucket(bucketDevices), []byte(id), d)
 	})
 	return resp, wrap("enroll", err)

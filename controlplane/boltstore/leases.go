@@ -332,16 +332,8 @@ func (s *Store) ReleaseLease(ctx context.Context, name string) (controlplane.Lea
 		if d.Online && !d.Revoked && slices.ContainsFunc(d.Services, func(s controlplane.Service) bool { return s.Name == l.Service }) {
 			return controlplane.Errorf(controlplane.KindConflict, "lease %s is in use by service %s of device %s, online now: stop the service on the device, or revoke the device, first", name, l.Service, d.Name)
 		}
-		q := quarantinedName{Until: now.Add(s.cfg.Quarantine), DeviceID: l.DeviceID, Service: l.Service}
-		if l.Hostname != "" {
-			if err := putJSON(tx.Bucket(bucketQuarantine), hostKey(l.Hostname), q); err != nil {
-				return err
-			}
-		}
-		if l.Port != 0 {
-			if err := putJSON(tx.Bucket(bucketQuarantine), portQKey(l.Port), q); err != nil {
-				return err
-			}
+		if err := s.quarantine(tx, l, now); err != nil {
+			return err
 		}
 		if err := s.release(tx, l); err != nil {
 			return err

@@ -18,6 +18,12 @@ var tokenEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
 // CreateToken makes an enrollment token usable uses times (≥1) until ttl
 // (>0) passes. The secret is returned once; only its hash is stored.
 func (s *Store) CreateToken(ctx context.Context, uses int, ttl time.Duration, labels map[string]string) (string, controlplane.Token, error) {
+	return s.createToken(uses, ttl, labels, "")
+}
+
+// createToken makes a token; replaces, when set, is the revoked device
+// whose name and leases the enrolled device takes (CreateReplaceToken).
+func (s *Store) createToken(uses int, ttl time.Duration, labels map[string]string, replaces string) (string, controlplane.Token, error) {
 	if uses < 1 {
 		return "", controlplane.Token{}, controlplane.Errorf(controlplane.KindInvalid, "uses must be at least 1, not %d", uses)
 	}
@@ -31,7 +37,7 @@ func (s *Store) CreateToken(ctx context.Context, uses int, ttl time.Duration, la
 	now := s.cfg.Now().UTC()
 	tok := controlplane.Token{
 		ID: string(key[:12]), Uses: uses, ExpiresAt: now.Add(ttl),
-		Labels: maps.Clone(labels), CreatedAt: now,
+		Labels: maps.Clone(labels), CreatedAt: now, Replaces: replaces,
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error { return putJSON(tx.Bucket(bucketTokens), key, tok) })
 	if err != nil {

@@ -57,6 +57,12 @@ type Cluster interface {
 	// ReleaseLease frees a lease (hostname label or port) into
 	// quarantine and tells the relays.
 	ReleaseLease(ctx context.Context, name string) (controlplane.Lease, error)
+	// DeleteDevice revokes (if needed) and deletes a device, its leases
+	// into quarantine unless keepNames.
+	DeleteDevice(ctx context.Context, nameOrID string, keepNames bool) (controlplane.RevokeResult, []controlplane.Lease, error)
+	// ReplaceDevice revokes (if needed) a device and makes the one-use
+	// token with which a new device takes over its name and leases.
+	ReplaceDevice(ctx context.Context, nameOrID string, ttl time.Duration) (controlplane.RevokeResult, string, controlplane.Token, error)
 }
 
 // Config configures the admin API.
@@ -110,6 +116,7 @@ func Handler(cfg Config) http.Handler {
 	mux.HandleFunc("GET /v1/relays", func(w http.ResponseWriter, r *http.Request) { a.reply(w, r)(cfg.Cluster.Relays(), nil) })
 	a.releaseRoutes(mux)
 	a.leaseRoutes(mux)
+	a.deviceRoutes(mux)
 	return a.auth(mux)
 }
 

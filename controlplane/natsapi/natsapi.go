@@ -54,6 +54,12 @@ type Store interface {
 	Revoke(ctx context.Context, nameOrID string) (controlplane.Device, error)
 	// ReleaseLease frees a lease (hostname label or port) into quarantine.
 	ReleaseLease(ctx context.Context, name string) (controlplane.Lease, error)
+	// DeleteDevice deletes a revoked device, its leases into quarantine
+	// unless keepNames.
+	DeleteDevice(ctx context.Context, nameOrID string, keepNames bool) (controlplane.Device, []controlplane.Lease, error)
+	// CreateReplaceToken makes a token with which a new device takes over
+	// a revoked one's name and leases.
+	CreateReplaceToken(ctx context.Context, nameOrID string, ttl time.Duration) (string, controlplane.Token, error)
 	// Reserve keeps a relay's own hostname labels from ever being leased
 	// and returns those already leased.
 	Reserve(ctx context.Context, relayID string, labels []string) ([]controlplane.Lease, error)
@@ -217,6 +223,11 @@ func (s *Service) enroll(ctx context.Context, r controlplane.EnrollRequest) (con
 	resp, err := s.cfg.Store.Enroll(ctx, r)
 	if err != nil {
 		return resp, err
+	}
+	if d, err := s.cfg.Store.Device(ctx, resp.DeviceID); err == nil && d.Replaced != "" {
+		// A replacement took the old device's name and leases: relays
+		// forget the old one before they learn the new one.
+		s.publish(controlplane.DeviceEvent{Kind: controlplane.EventDeleted, DeviceID: d.Replaced})
 	}
 	s.publishRecord(ctx, resp.DeviceID, func(rec controlplane.DeviceRecord) controlplane.DeviceEvent {
 		return controlplane.DeviceEvent{Kind: controlplane.EventEnrolled, DeviceID: rec.ID, Device: &rec}

@@ -80,8 +80,12 @@ func (r *Replica) Apply(events ...controlplane.DeviceEvent) (Result, error) {
 	}
 	err := r.write(func(tx *bolt.Tx) error {
 		bucket := tx.Bucket(bucketDevices)
-		for _, d := range b.changes {
-			if err := putDevice(bucket, d); err != nil {
+		for id, d := range b.changes {
+			if d == nil { // deleted
+				if err := bucket.Delete([]byte(id)); err != nil {
+					return err
+				}
+			} else if err := putDevice(bucket, d); err != nil {
 				return err
 			}
 		}
@@ -137,6 +141,10 @@ func (b *batch) event(ev controlplane.DeviceEvent) {
 	if ev.Seq <= old.asOf {
 		return
 	}
+	if ev.Kind == controlplane.EventDeleted {
+		b.changes[ev.DeviceID] = nil // forgotten, with its names
+		return
+	}
 	rec := old.rec
 	switch ev.Kind {
 	case controlplane.EventRevoked:
@@ -176,7 +184,7 @@ func (b *batch) enrolled(ev controlplane.DeviceEvent) {
 
 func (b *batch) relayDown(ev controlplane.DeviceEvent) {
 	down := func(d *device) {
-		if d.rec.Online && d.rec.Relay == ev.RelayID && ev.Seq > d.asOf {
+		if d != nil && d.rec.Online && d.rec.Relay == ev.RelayID && ev.Seq > d.asOf {
 			rec := d.rec
 			rec.Online = false
 			b.changes[rec.ID] = &device{rec: rec, asOf: ev.Seq}
@@ -195,7 +203,7 @@ func (b *batch) relayDown(ev controlplane.DeviceEvent) {
 func isKnownKind(kind string) bool {
 	switch kind {
 	case controlplane.EventEnrolled, controlplane.EventRevoked, controlplane.EventSession,
-		controlplane.EventOffline, controlplane.EventLeases, controlplane.EventRelayDown:
+		controlplane.EventOffline, controlplane.EventLeases, controlplane.EventRelayDown, controlplane.EventDeleted:
 		return true
 	}
 	return false

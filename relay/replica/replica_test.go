@@ -769,3 +769,29 @@ func checkInvariants(t testing.TB, r *Replica) {
 func newer(a, b *device) bool {
 	return a.asOf > b.asOf || a.asOf == b.asOf && a.rec.ID < b.rec.ID
 }
+
+// TestDeleted: a deleted device is forgotten with its names, on disk too;
+// a replacement that took them holds them.
+func TestDeleted(t *testing.T) {
+	path := tempPath(t)
+	r := mustOpen(t, path)
+	snapshot(t, r, "e", 0, 10, dev("a", web("web-a")), dev("b"))
+	apply(t, r, events("e", 0, revoked("a"), controlplane.DeviceEvent{Kind: controlplane.EventDeleted, DeviceID: id("a")},
+		controlplane.DeviceEvent{Kind: controlplane.EventRelayDown, RelayID: "r1"})...)
+	if _, ok := r.Device(id("a")); ok {
+		t.Fatal("a deleted device is still known")
+	}
+	if _, _, ok := r.ByHostname("web-a"); ok {
+		t.Fatal("a deleted device's name still routes")
+	}
+	repl := dev("c", web("web-a"))
+	apply(t, r, events("e", 3, controlplane.DeviceEvent{Kind: controlplane.EventEnrolled, DeviceID: repl.ID, Device: &repl})...)
+	r.Close()
+	r = mustOpen(t, path)
+	if _, ok := r.Device(id("a")); ok {
+		t.Fatal("a deleted device is back after a reopen")
+	}
+	if rec, _, ok := r.ByHostname("web-a"); !ok || rec.ID != id("c") {
+		t.Fatalf("web-a after the replacement: %+v %v", rec, ok)
+	}
+}

@@ -40,6 +40,10 @@ Commands:
                                                           (exit status 2: not yet confirmed by every live relay)
   lease release HOSTNAME|PORT                             free a lease no service uses now; nobody may take it during
                                                           the quarantine (TETHER_LEASE_QUARANTINE, default 7 days)
+  device delete DEVICE [--keep-names]                     revoke and delete a device; its names go into quarantine
+                                                          (or stay taken with --keep-names)
+  device replace DEVICE [--ttl 24h]                       revoke a device and print a one-use token with which a new
+                                                          device (new key) takes over its name, labels and leases
   provision --token T --relay URL --services LIST [--name N] [--boot DIR]
                                                           write tether.env for a device's SD card (no control plane needed)
   release keygen [--dir DIR]                              make a release signing key pair (tether-release.key, .pub)
@@ -142,6 +146,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return list(ctx, rest, stdout, "releases", c.Releases, printReleases)
 	case "rollout":
 		return rolloutCmd(ctx, c, rest, stdout, stderr)
+	case "device":
+		return deviceCmd(ctx, c, rest, stdout, stderr)
 	case "lease":
 		if len(rest) != 2 || rest[0] != "release" {
 			return errors.New("usage: tetherctl lease release HOSTNAME|PORT")

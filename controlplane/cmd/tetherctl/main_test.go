@@ -38,6 +38,24 @@ func (c *cluster) ReleaseLease(ctx context.Context, name string) (controlplane.L
 	return c.store.ReleaseLease(ctx, name)
 }
 
+func (c *cluster) DeleteDevice(ctx context.Context, nameOrID string, keepNames bool) (controlplane.RevokeResult, []controlplane.Lease, error) {
+	res, err := c.Revoke(ctx, nameOrID)
+	if err != nil {
+		return res, nil, err
+	}
+	_, leases, err := c.store.DeleteDevice(ctx, res.Device.ID, keepNames)
+	return res, leases, err
+}
+
+func (c *cluster) ReplaceDevice(ctx context.Context, nameOrID string, ttl time.Duration) (controlplane.RevokeResult, string, controlplane.Token, error) {
+	res, err := c.Revoke(ctx, nameOrID)
+	if err != nil {
+		return res, "", controlplane.Token{}, err
+	}
+	secret, tok, err := c.store.CreateReplaceToken(ctx, res.Device.ID, ttl)
+	return res, secret, tok, err
+}
+
 // admin serves the admin API over a store with one device, pi01, whose
 // ssh service holds port 20000.
 func admin(t *testing.T) (*cluster, []string) {
@@ -160,5 +178,36 @@ func TestLeaseRelease(t *testing.T) {
 	}
 	if _, err := ctl(t, flags, "lease", "release"); err == nil {
 		t.Fatal("usage not checked")
+	}
+}
+
+// TestDeviceReplaceAndDelete: replace prints a token with which a new key
+// takes pi01's name and port; delete frees them into quarantine.
+func TestDeviceReplaceAndDelete(t *testing.T) {
+	c, flags := admin(t)
+	c.confirmed = []string{"relay-a"}
+	out, err := ctl(t, flags, "device", "replace", "pi01", "--ttl", "1h")
+	if err != nil || !strings.Contains(out, "enrolls one new device as pi01") {
+		t.Fatalf("replace: %v\n%s", err, out)
+	}
+	token := strings.TrimSpace(strings.SplitN(out, "\n", 2)[0])
+	if !strings.HasPrefix(token, "tth_") {
+		t.Fatalf("replace printed %q first", out)
+	}
+	pub, _, _ := ed25519.GenerateKey(nil)
+	resp, err := c.store.Enroll(t.Context(), controlplane.EnrollRequest{TokenHash: controlplane.TokenHash(token), EnrollDevice: frames.EnrollDevice{PublicKey: pub, Name: "new"}})
+	if err != nil || resp.Name != "pi01" {
+		t.Fatalf("enroll with the replacement token: %+v %v", resp, err)
+	}
+	ls, _ := c.store.Leases(t.Context())
+	if len(ls) != 1 || ls[0].Port != 20000 || ls[0].DeviceID != resp.DeviceID {
+		t.Fatalf("leases after the replacement: %+v", ls)
+	}
+	out, err = ctl(t, flags, "device", "delete", "pi01")
+	if err != nil || !strings.Contains(out, "deleted pi01: 1 lease(s); its names are in quarantine") {
+		t.Fatalf("delete: %v\n%s", err, out)
+	}
+	if _, err := ctl(t, flags, "device", "delete", "pi01"); err == nil || !strings.Contains(err.Error(), "no device") {
+		t.Fatalf("delete again: %v", err)
 	}
 }
