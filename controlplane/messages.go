@@ -169,6 +169,9 @@ type HelloRequest struct {
 	ReservedLabels []string `json:"reserved_labels,omitempty"`
 	Sessions       int      `json:"sessions"`
 	UnboundPorts   []uint16 `json:"unbound_ports,omitempty"` // leased ports it could not bind
+	// BusyPorts are unleased ports of the range that another process of
+	// its host holds: none is leased while a live relay reports it.
+	BusyPorts []uint16 `json:"busy_ports,omitempty"`
 }
 
 // HelloResponse lists the live relays (the asker too).
@@ -185,6 +188,7 @@ type RelayInfo struct {
 	PublicNames  []string  `json:"public_names,omitempty"`
 	Sessions     int       `json:"sessions"`
 	UnboundPorts []uint16  `json:"unbound_ports,omitempty"`
+	BusyPorts    []uint16  `json:"busy_ports,omitempty"`
 	LastSeen     time.Time `json:"last_seen"`
 }
 

@@ -35,6 +35,7 @@ func (s *Server) hello() {
 	resp, err := s.cp.Hello(ctx, controlplane.HelloRequest{
 		RelayID: s.cfg.RelayID, ClusterAddr: s.cfg.ClusterAddr, PublicNames: s.cfg.PublicNames,
 		ReservedLabels: s.ownLabels(), Sessions: s.Sessions(), UnboundPorts: s.tcp.unbound(),
+		BusyPorts: s.probe.probe(s.tcp),
 	})
 	if err != nil {
 		if s.ctx.Err() != nil {

@@ -83,6 +83,10 @@ type Config struct {
 	// TCPHost is the address TCP lease listeners bind to. Empty means all
 	// interfaces.
 	TCPHost string
+	// TCPPorts is the cluster's range of TCP leases: the relay probes its
+	// unleased ports and reports those another process holds, which the
+	// control plane then leases to nobody (tcpprobe.go). Zero: no probe.
+	TCPPorts controlplane.PortRange
 	// MaxStreamsPerSession caps concurrent public connections to one
 	// device. Zero means 1024.
 	MaxStreamsPerSession int
@@ -155,6 +159,7 @@ type Server struct {
 	metrics *metrics
 	reg     *registry
 	gate    *gate       // agent handshakes in progress (admission.go)
+	probe   *portProbe  // busy ports of the TCP range (tcpprobe.go; the hello loop's)
 	clients *clientCaps // public clients' connections per device (public.go)
 	tcp     *tcpListeners
 	limits  *edgeLimits // per-client rate limits on the agent endpoints
@@ -228,7 +233,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
 		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
-		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes, cfg.HandshakeTimeout),
+		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes, cfg.HandshakeTimeout), probe: newPortProbe(cfg.TCPPorts),
 		clients: newClientCaps(cfg.Public.MaxStreamsPerClient)}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {

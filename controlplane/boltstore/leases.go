@@ -163,7 +163,7 @@ func (s *Store) freePort(tx *bolt.Tx, now time.Time) (uint16, error) {
 		if p > int(s.cfg.TCPPorts.Last) {
 			break
 		}
-		if !quarantined(tx, portQKey(uint16(p)), now) {
+		if !quarantined(tx, portQKey(uint16(p)), now) && !s.busy(uint16(p)) {
 			return uint16(p), nil
 		}
 	}
@@ -341,4 +341,14 @@ func (s *Store) ReleaseLease(ctx context.Context, name string) (controlplane.Lea
 		return tx.Bucket(bucketLeases).Delete(key)
 	})
 	return l, wrap("release lease "+name, err)
+}
+
+// SetPortBusy gives the store the check of ports it must not lease now:
+// another process holds them on a relay's host (natsapi.Service.PortBusy).
+// Nil means none.
+func (s *Store) SetPortBusy(busy func(port uint16) bool) { s.portBusy.Store(&busy) }
+
+func (s *Store) busy(port uint16) bool {
+	f := s.portBusy.Load()
+	return f != nil && *f != nil && (*f)(port)
 }

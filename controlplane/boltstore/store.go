@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/tetherfleet/tether/controlplane"
@@ -59,8 +60,9 @@ const schemaVersion = "1"
 // calls share one transaction and one fsync; their closures reset their
 // results first, since Batch may run one again after another fails.
 type Store struct {
-	db  *bolt.DB
-	cfg Config
+	db       *bolt.DB
+	cfg      Config
+	portBusy atomic.Pointer[func(uint16) bool] // see SetPortBusy
 }
 
 var _ controlplane.Relays = (*Store)(nil)

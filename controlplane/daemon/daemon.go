@@ -156,6 +156,7 @@ func Start(ctx context.Context, nc *nats.Conn, cfg Config) (_ *Daemon, err error
 		store.Close()
 		return nil, err
 	}
+	store.SetPortBusy(d.Service.PortBusy) // ports relays report held by others are not leased
 	d.Admin = httpapi.Handler(httpapi.Config{Store: store, Cluster: d.Service, Releases: d.Releases, Token: d.AdminToken, Domain: cfg.Domain, Logger: log})
 	log.Info("control plane serving", "instance", d.Claim.Instance, "epoch", d.Service.Epoch(), "ca", d.CA.Path)
 	return d, nil

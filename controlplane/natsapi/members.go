@@ -46,7 +46,7 @@ func (m *members) hello(req controlplane.HelloRequest, now time.Time) ([]control
 	delete(m.lost, req.RelayID)
 	m.relays[req.RelayID] = controlplane.RelayInfo{
 		ID: req.RelayID, ClusterAddr: req.ClusterAddr, PublicNames: slices.Clone(req.PublicNames),
-		Sessions: req.Sessions, UnboundPorts: slices.Clone(req.UnboundPorts), LastSeen: now,
+		Sessions: req.Sessions, UnboundPorts: slices.Clone(req.UnboundPorts), BusyPorts: slices.Clone(req.BusyPorts), LastSeen: now,
 	}
 	return m.listLocked(), nil
 }
@@ -116,4 +116,17 @@ func (m *members) expire(now time.Time) []string {
 	}
 	slices.Sort(down)
 	return down
+}
+
+// portBusy reports whether a live relay reports port as held by another
+// process of its host (HelloRequest.BusyPorts).
+func (m *members) portBusy(port uint16) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, r := range m.relays {
+		if _, found := slices.BinarySearch(r.BusyPorts, port); found {
+			return true
+		}
+	}
+	return false
 }

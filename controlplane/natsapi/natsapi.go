@@ -21,6 +21,7 @@ import (
 	"maps"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -215,6 +216,10 @@ func (s *Service) Epoch() string { return s.events.epoch }
 // Relays lists the live relays, by ID.
 func (s *Service) Relays() []controlplane.RelayInfo { return s.members.live() }
 
+// PortBusy reports whether a live relay reports port as held by another
+// process of its host: the store leases no such port.
+func (s *Service) PortBusy(port uint16) bool { return s.members.portBusy(port) }
+
 func (s *Service) enroll(ctx context.Context, r controlplane.EnrollRequest) (controlplane.EnrollResponse, error) {
 	if len(r.PublicKey) != 32 {
 		return controlplane.EnrollResponse{}, controlplane.Errorf(controlplane.KindInvalid, "public key must be 32 bytes (ed25519), got %d", len(r.PublicKey))
@@ -310,7 +315,7 @@ func (s *Service) hello(ctx context.Context, r controlplane.HelloRequest) (contr
 	if err := controlplane.ValidRelayID(r.RelayID); err != nil {
 		return controlplane.HelloResponse{}, err
 	}
-	if len(r.PublicNames) > 64 || len(r.ReservedLabels) > 64 || len(r.UnboundPorts) > 65536 {
+	if len(r.PublicNames) > 64 || len(r.ReservedLabels) > 64 || len(r.UnboundPorts) > 65536 || len(r.BusyPorts) > 65536 {
 		return controlplane.HelloResponse{}, controlplane.Errorf(controlplane.KindInvalid, "hello of relay %s: too many names or ports", r.RelayID)
 	}
 	for _, label := range r.ReservedLabels {
@@ -326,6 +331,7 @@ func (s *Service) hello(ctx context.Context, r controlplane.HelloRequest) (contr
 		s.log.Warn("a relay's own name is leased to a device: that relay refuses to start until the lease is released",
 			"relay", r.RelayID, "hostname", l.Hostname, "device", l.DeviceName, "service", l.Service)
 	}
+	slices.Sort(r.BusyPorts) // portBusy searches them
 	relays, err := s.members.hello(r, s.cfg.Now().UTC())
 	if err != nil {
 		return controlplane.HelloResponse{}, err

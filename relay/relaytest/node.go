@@ -110,6 +110,7 @@ func (n *Node) Start() {
 		ControlPlane:     cp,
 		Replica:          n.Replica,
 		TCPHost:          n.Host,
+		TCPPorts:         n.env.TCPPorts,
 		HandshakeTimeout: 5 * time.Second,
 		HeartbeatMin:     100 * time.Millisecond, // tests' agents beat fast to be declared dead fast
 		DrainWindow:      time.Second,

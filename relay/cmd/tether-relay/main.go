@@ -202,7 +202,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
-		MaxHandshakes: s.MaxHandshakes, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax,
+		MaxHandshakes: s.MaxHandshakes, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax, TCPPorts: ports,
 		Public: relay.PublicLimits{
 			HeaderTimeout: s.PublicHeaderTimeout, IdleTimeout: s.PublicIdleTimeout, BodyMinRate: s.PublicBodyMinRate,
 			ResponseHeaderTimeout: s.PublicResponseTimeout, StreamIdleTimeout: s.PublicStreamIdleTimeout,
