@@ -24,7 +24,12 @@ var installScript []byte
 
 // Where the unit, the script and the packages put things on a device.
 const (
-	BinaryPath    = "/opt/tether-agent/tether-agent"
+	BinaryPath = "/opt/tether-agent/tether-agent"
+	// ProvisionPath is a root-owned copy of the agent that the unit runs
+	// as root for SD-card provisioning: never the updatable BinaryPath,
+	// which the agent's user owns (root must not run what it may rewrite).
+	// Updates over the air do not change it; install.sh and the packages do.
+	ProvisionPath = "/usr/lib/tether-agent/tether-agent"
 	EnvFilePath   = "/etc/tether/agent.env"
 	StateDir      = "/var/lib/tether-agent"
 	TokenFilePath = "/var/lib/tether-agent/enroll-token"

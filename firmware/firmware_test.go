@@ -70,7 +70,7 @@ func TestUnitDirectives(t *testing.T) {
 		"Service.AmbientCapabilities":      {""},
 		"Service.EnvironmentFile":          {"-" + firmware.EnvFilePath},
 		"Service.ExecStart":                {firmware.BinaryPath},
-		"Service.ExecStartPre":             {"-" + firmware.BinaryPath + ".prev preflight", "-+" + firmware.BinaryPath + " provision"},
+		"Service.ExecStartPre":             {"-" + firmware.BinaryPath + ".prev preflight", "-+" + firmware.ProvisionPath + " provision"},
 		"Service.Environment":              {"TETHER_STATE_DIR=" + firmware.StateDir},
 		"Install.WantedBy":                 {"multi-user.target"},
 	}

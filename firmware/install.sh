@@ -103,6 +103,9 @@ esac
 
 bin_dir=$root/opt/tether-agent
 bin=$bin_dir/tether-agent
+# A root-owned copy the unit runs as root to take a boot-partition
+# tether.env: root never runs the binary the agent's user may rewrite.
+provision_bin=$root/usr/lib/tether-agent/tether-agent
 etc_dir=$root/etc/tether
 env_file=$etc_dir/agent.env
 ca_file=$etc_dir/relay-ca.pem
@@ -408,25 +411,41 @@ newer() {
 	}'
 }
 
-# The installed agent's version (empty: none, a dev build, or not runnable here).
+# The installed agent's version, as it wrote it in its state dir at its
+# last start (empty: none, or a dev build). Never by running the binary:
+# the agent's user may have rewritten it, and this script runs as root.
 installed=
-if [ -x "$bin" ]; then
-	installed=$("$bin" --version 2>/dev/null | sed -n 's/^tether-agent \(v[0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*[^ ]*\).*/\1/p' | head -n 1) || installed=
+if [ -f "$state_dir/version" ] && [ ! -L "$state_dir/version" ]; then
+	installed=$(head -c 64 "$state_dir/version" | sed -n 's/^\(v[0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*[0-9A-Za-z.+-]*\)$/\1/p' | head -n 1)
 fi
+
+# rolled_back VERSION: the device rolled back from that release before
+# (the agent's update.json): never installed again, as the agent itself
+# would never take it again.
+rolled_back() {
+	[ -f "$state_dir/update.json" ] && [ ! -L "$state_dir/update.json" ] &&
+		head -c 65536 "$state_dir/update.json" | tr -d ' \n' | grep -q "\"rolled_back\":\[[^]]*\"$1\""
+}
 
 if [ -f "$bin" ] && [ "$(sha256 "$bin")" = "$sum" ]; then
 	say "tether-agent $version ($arch) is installed already"
+	new_bin=
+elif rolled_back "$version"; then
+	say "keeping the installed tether-agent: this device rolled back from $version before (it failed here); publish a fixed release"
 	new_bin=
 elif [ -n "$installed" ] && newer "$installed" "$version"; then
 	say "keeping the installed tether-agent $installed: the relay's release $version is older (agents never downgrade)"
 	new_bin=
 else
+	new_bin=$tmp/agent
+fi
+# The root-owned provisioning copy comes from the verified download only.
+if [ -n "$new_bin" ] || [ ! -f "$provision_bin" ]; then
 	say "downloading tether-agent $version for $arch"
 	fetch "$release/$file" "$tmp/agent" || die "cannot download $release/$file"
 	[ "$(wc -c <"$tmp/agent" | tr -d ' ')" = "$size" ] || die "$file has the wrong size: refusing to install it"
 	[ "$(sha256 "$tmp/agent")" = "$sum" ] || die "$file does not match the signed manifest's sha256: refusing to install it"
 	say "binary sha256 matches the signed manifest"
-	new_bin=$tmp/agent
 fi
 
 # --- user, files, unit ------------------------------------------------------
@@ -479,15 +498,22 @@ ensure_user() {
 	owner=$user:$user
 }
 
-own() { [ -z "$owner" ] || chown "$owner" "$@"; }
+# own FILE...: give files to the agent's user, never following a link
+# (the user may have planted one pointing at a file of root's).
+own() { [ -z "$owner" ] || chown -h "$owner" "$@"; }
 
 ensure_user
+# Directories others may enter (the agent reads /etc/tether/relay-ca.pem
+# and runs from /opt/tether-agent), also the parents mkdir makes.
+umask 022
+mkdir -p "$bin_dir" "$etc_dir" "$state_dir" "$(dirname "$provision_bin")" "$(dirname "$unit_file")"
+chmod 0755 "$bin_dir" "$etc_dir" "$(dirname "$provision_bin")"
 umask 077
-mkdir -p "$bin_dir" "$etc_dir" "$state_dir" "$(dirname "$unit_file")"
-chmod 0755 "$bin_dir"
+# While root writes into the agent's own directories, they are root's:
+# the agent's user cannot plant a link for root to write through.
+chown -h 0:0 "$bin_dir" "$state_dir" 2>/dev/null || true
 chmod 0700 "$state_dir"
-own "$bin_dir" "$state_dir"
-[ ! -f "$state_dir/device.key" ] || own "$state_dir"/*
+rm -f "$bin.new" "$token_file.new"
 
 if [ -n "$new_bin" ]; then
 	cp "$new_bin" "$bin.new"
@@ -495,6 +521,12 @@ if [ -n "$new_bin" ]; then
 	own "$bin.new"
 	mv -f "$bin.new" "$bin"
 	say "installed $bin"
+fi
+if [ -f "$tmp/agent" ]; then
+	rm -f "$provision_bin.new"
+	cp "$tmp/agent" "$provision_bin.new"
+	chmod 0755 "$provision_bin.new"
+	mv -f "$provision_bin.new" "$provision_bin"
 fi
 
 if [ -n "$relay_ca" ] && [ "$relay_ca" != "$ca_file" ]; then
@@ -509,15 +541,31 @@ if [ -n "$token" ]; then
 	own "$token_file.new"
 	mv -f "$token_file.new" "$token_file"
 fi
+# Back to the agent's user: its directories and what is in the state dir
+# (links are given over as links).
+own "$bin_dir" "$state_dir"
+for f in "$state_dir"/* "$state_dir"/.[!.]*; do
+	[ -e "$f" ] || [ -L "$f" ] || continue
+	own "$f"
+done
 
+# A relay list that names this relay is kept (failover candidates).
+relays=$wss
+case ",$(env_value TETHER_RELAY_URL)," in
+*",$wss,"*) relays=$(env_value TETHER_RELAY_URL) ;;
+esac
 {
 	echo "# Tether agent settings, written by install.sh (tether-agent --help lists them all)."
-	echo "TETHER_RELAY_URL=$wss"
+	echo "TETHER_RELAY_URL=$relays"
 	[ -z "$services" ] || echo "TETHER_SERVICES=$services"
 	[ -z "$name" ] || echo "TETHER_DEVICE_NAME=$name"
 	echo "TETHER_RELEASE_KEYS=$keys"
 	[ ! -s "$token_file" ] || echo "TETHER_ENROLL_TOKEN_FILE=$dev_token_file"
 	[ ! -f "$ca_file" ] || echo "TETHER_RELAY_CA=$dev_ca_file"
+	# Every other setting of the existing file, as it was.
+	if [ -f "$env_file" ]; then
+		grep -v -E '^(#|[[:space:]]*$|TETHER_(RELAY_URL|SERVICES|DEVICE_NAME|RELEASE_KEYS|ENROLL_TOKEN_FILE|RELAY_CA)=)' "$env_file" || true
+	fi
 } >"$env_file.new"
 chmod 0600 "$env_file.new"
 mv -f "$env_file.new" "$env_file"

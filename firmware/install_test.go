@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -514,5 +515,96 @@ func TestInstallScriptNeverDowngrades(t *testing.T) {
 		if b, _ := in.file(firmware.BinaryPath); !bytes.Equal(b, agent(step.want)) {
 			t.Fatalf("release %s: installed %q, want %s", step.publish, b, step.want)
 		}
+		// As the agent does when it starts: the script reads this, and never
+		// runs the binary (the agent's user may have rewritten it).
+		writeFile(t, filepath.Join(in.root, firmware.StateDir, "version"), []byte(step.want+"\n"), 0o600)
+	}
+}
+
+// TestInstallScriptHostileDevice: re-run as root on a device whose agent
+// user planted links in its own directories, the script writes through
+// none of them and gives none of root's files away; it never runs the
+// installed binary; directories the agent reads stay readable to it; a
+// release the device rolled back from is not installed again; settings it
+// does not write are kept.
+func TestInstallScriptHostileDevice(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: the script changes owners")
+	}
+	need(t, "openssl")
+	arch := hostArch(t)
+	key := newReleaseKey(t)
+	srv := startReleaseServer(t, []string{key.pub})
+	scriptPath := filepath.Join(t.TempDir(), "install.sh")
+	writeFile(t, scriptPath, srv.script, 0o644)
+	in := installer{t: t, shell: []string{"sh"}, root: t.TempDir(), script: scriptPath}
+	os.Chmod(in.root, 0o755)
+	args := []string{"--token", "tth_x", "--services", "web=http://127.0.0.1:80", "--relay-ca", srv.CAFile, "--wait", "0"}
+	bin := func(v string) []byte { return []byte("#!/bin/sh\ntouch " + filepath.Join(in.root, "ran-"+v) + "\n") }
+	srv.publish(makeRelease(t, key, "v1.0.0", arch, bin("v1.0.0"), false))
+	if _, err := in.run(nil, args...); err != nil {
+		t.Fatal(err)
+	}
+	// Settings of the operator's own, added since.
+	envPath := filepath.Join(in.root, firmware.EnvFilePath)
+	env, _ := os.ReadFile(envPath)
+	writeFile(t, envPath, append(env, "TETHER_HEARTBEAT_INTERVAL=30s\nHTTPS_PROXY=http://proxy:3128\n"...), 0o600)
+
+	// The agent's user (its uid) plants links to root's files.
+	victim := filepath.Join(t.TempDir(), "victim")
+	writeFile(t, victim, []byte("root's\n"), 0o600)
+	victim2 := filepath.Join(t.TempDir(), "victim2")
+	writeFile(t, victim2, []byte("root's too\n"), 0o600)
+	state := filepath.Join(in.root, firmware.StateDir)
+	if err := os.Symlink(victim, filepath.Join(state, "planted")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(victim2, filepath.Join(in.root, firmware.BinaryPath+".new")); err != nil {
+		t.Fatal(err)
+	}
+	// It rolled back from v2.0.0 once (the agent's update state).
+	writeFile(t, filepath.Join(state, "update.json"), []byte(`{"phase": "", "starts": 0, "preflight_starts": 0, "rolled_back": ["v2.0.0"]}`), 0o600)
+	srv.publish(makeRelease(t, key, "v2.0.0", arch, bin("v2.0.0"), false))
+	out, err := in.run(nil, args...)
+	if err != nil || !strings.Contains(out, "rolled back from v2.0.0 before") {
+		t.Fatalf("v2.0.0 after a rollback from it: %v", err)
+	}
+	if b, _ := in.file(firmware.BinaryPath); !bytes.Equal(b, bin("v1.0.0")) {
+		t.Fatalf("installed %q after the device rolled back from v2.0.0", b)
+	}
+	srv.publish(makeRelease(t, key, "v2.0.1", arch, bin("v2.0.1"), false))
+	if _, err := in.run(nil, args...); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{victim, victim2} {
+		var st syscall.Stat_t
+		if err := syscall.Stat(f, &st); err != nil || st.Uid != 0 {
+			t.Errorf("%s: owner %d after the re-run (%v), want root's", f, st.Uid, err)
+		}
+	}
+	if b, _ := os.ReadFile(victim2); string(b) != "root's too\n" {
+		t.Errorf("root's file was written through a planted link: %q", b)
+	}
+	if b, _ := in.file(firmware.BinaryPath); !bytes.Equal(b, bin("v2.0.1")) {
+		t.Errorf("installed %q, want v2.0.1", b)
+	}
+	if b, _ := in.file(firmware.ProvisionPath); !bytes.Equal(b, bin("v2.0.1")) {
+		t.Errorf("the root-owned provisioning copy is %q, want v2.0.1", b)
+	}
+	for _, v := range []string{"v1.0.0", "v2.0.0", "v2.0.1"} {
+		if in.exists("ran-" + v) {
+			t.Errorf("the script ran the agent binary %s as root", v)
+		}
+	}
+	for _, d := range []string{"/etc/tether", "/opt/tether-agent", "/usr/lib/tether-agent", "/opt", "/usr/lib"} {
+		if st, err := os.Stat(filepath.Join(in.root, d)); err != nil || st.Mode().Perm()&0o005 != 0o005 {
+			t.Errorf("%s: %v %v, want others to enter and read it", d, st.Mode(), err)
+		}
+	}
+	if _, mode := in.file("/etc/tether/relay-ca.pem"); mode.Perm() != 0o644 {
+		t.Errorf("relay-ca.pem mode %v", mode)
+	}
+	if env, _ := in.file(firmware.EnvFilePath); !strings.Contains(string(env), "TETHER_HEARTBEAT_INTERVAL=30s\nHTTPS_PROXY=http://proxy:3128\n") {
+		t.Errorf("the re-run dropped the operator's settings:\n%s", env)
 	}
 }

@@ -2,7 +2,9 @@ package firmware_test
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -118,9 +120,21 @@ func TestInstallFromRelay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Enrolled and connected: the used token is no longer on the device.
+	relaytest.Eventually(t, 10*time.Second, func() error {
+		if _, err := os.Stat(filepath.Join(stateDir, "enroll-token")); !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("enroll-token still there: %v", err)
+		}
+		return nil
+	})
+	if v, err := os.ReadFile(filepath.Join(stateDir, "version")); err != nil || len(v) == 0 {
+		t.Errorf("the agent wrote no version file: %q %v", v, err) // a dev build here: "dev"
+	}
 	if err := agent.Stop(harness.StopGrace); err != nil {
 		t.Log(err)
 	}
+	// A re-run writes agent.env without the token file, which is gone.
+	envFile = []byte(strings.Replace(string(envFile), "TETHER_ENROLL_TOKEN_FILE="+firmware.TokenFilePath+"\n", "", 1))
 
 	// Again: nothing to download, the URLs printed.
 	_, port, _ := strings.Cut(e.HTTPSAddr(), ":")

@@ -176,6 +176,8 @@ func info(src, bin, arch, version string) *nfpm.Info {
 			Contents: files.Contents{
 				{Type: files.TypeDir, Destination: "/opt/tether-agent", FileInfo: root(0o755)},
 				{Source: bin, Destination: firmware.BinaryPath, FileInfo: root(0o755)},
+				{Type: files.TypeDir, Destination: "/usr/lib/tether-agent", FileInfo: root(0o755)},
+				{Source: bin, Destination: firmware.ProvisionPath, FileInfo: root(0o755)},
 				{Source: filepath.Join(src, "unit"), Destination: UnitPath, FileInfo: root(0o644)},
 				{Type: files.TypeDir, Destination: "/etc/tether", FileInfo: root(0o755)},
 				{Source: filepath.Join(src, "agent.env"), Destination: firmware.EnvFilePath, Type: files.TypeConfigNoReplace, FileInfo: root(0o600)},

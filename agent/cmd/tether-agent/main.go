@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/signal"
@@ -131,6 +132,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return fmt.Errorf("TETHER_SERVICES: %w", err)
 	}
 	token, err := cli.Secret(s.EnrollToken, s.EnrollTokenFile)
+	if errors.Is(err, fs.ErrNotExist) && s.EnrollToken == "" {
+		token, err = "", nil // removed once used (forgetToken): needed no more if enrolled
+	}
 	if err != nil {
 		return err
 	}
@@ -164,6 +168,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	} else if err != nil {
 		log.Warn("agent update state", "err", err)
 	}
+	writeStateFile(log, s.StateDir, versionFile, []byte(version+"\n"))
 	a, err := agent.New(agent.Config{
 		RelayURLs:         strings.Split(s.RelayURL, ","),
 		EnrollToken:       token,
@@ -176,7 +181,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		// Each time the relay assigns names the session is up: give the
 		// memory of the TLS handshake and enrollment back to the OS, so an
 		// idle agent stays small on a Pi Zero.
-		OnLeases:    func(ls []frames.Lease) { debug.FreeOSMemory(); writeLeases(log, s.StateDir, ls) },
+		OnLeases: func(ls []frames.Lease) {
+			debug.FreeOSMemory()
+			writeLeases(log, s.StateDir, ls)
+			forgetToken(log, s.StateDir, s.EnrollTokenFile)
+		},
 		Insecure:    s.Insecure,
 		Version:     version,
 		Updater:     upd,

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"cmp"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -126,10 +128,34 @@ func writeLeases(log *slog.Logger, stateDir string, ls []frames.Lease) {
 			fmt.Fprintf(&b, "%s %s %d\n", l.Service, l.Proto, l.Port)
 		}
 	}
-	path := filepath.Join(stateDir, leasesFile)
-	f, err := os.CreateTemp(stateDir, "."+leasesFile+".*") // 0600
+	writeStateFile(log, stateDir, leasesFile, b.Bytes())
+}
+
+// versionFile holds the running agent's version: install.sh reads it
+// (it never runs the agent's binary, which the agent's user may rewrite).
+const versionFile = "version"
+
+// forgetToken removes the enrollment token file once the device is
+// enrolled and connected, when it is the agent's own copy in its state
+// dir (install.sh's, a boot partition's): a used token left on the device
+// would enroll another one.
+func forgetToken(log *slog.Logger, stateDir, tokenFile string) {
+	if tokenFile == "" || filepath.Dir(filepath.Clean(tokenFile)) != filepath.Clean(stateDir) {
+		return
+	}
+	if err := os.Remove(tokenFile); err == nil {
+		log.Info("enrollment token removed: the device is enrolled", "file", tokenFile)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		log.Warn("remove the used enrollment token", "file", tokenFile, "err", err)
+	}
+}
+
+// writeStateFile writes name in the state dir atomically (0600).
+func writeStateFile(log *slog.Logger, stateDir, name string, data []byte) {
+	path := filepath.Join(stateDir, name)
+	f, err := os.CreateTemp(stateDir, "."+name+".*") // 0600
 	if err == nil {
-		_, err = f.Write(b.Bytes())
+		_, err = f.Write(data)
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
