@@ -49,6 +49,11 @@ type ReleaseRecord struct {
 	// Complete is true once every artifact of the manifest was uploaded
 	// and checked; only complete releases are offered or installed.
 	Complete bool `json:"complete"`
+	// Installable is true once a rollout of the release reached 100% of
+	// the fleet (no labels), until such a rollout is aborted: new devices
+	// (install.sh) get the newest installable release, so that publishing
+	// alone reaches no device.
+	Installable bool `json:"installable,omitempty"`
 }
 
 // ReleaseInfo describes a release in listings.

@@ -51,6 +51,20 @@ func (s *Store) CompleteRelease(ctx context.Context, version string) error {
 	return wrap("complete release", err)
 }
 
+// SetInstallable marks a release installable or not (ReleaseRecord).
+func (s *Store) SetInstallable(ctx context.Context, version string, installable bool) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketReleases)
+		var rec controlplane.ReleaseRecord
+		if ok, err := getJSON(b, []byte(version), &rec); err != nil || !ok {
+			return err
+		}
+		rec.Installable = installable
+		return putJSON(b, []byte(version), rec)
+	})
+	return wrap("mark release installable", err)
+}
+
 // Release returns a published release.
 func (s *Store) Release(ctx context.Context, version string) (controlplane.ReleaseRecord, error) {
 	var rec controlplane.ReleaseRecord

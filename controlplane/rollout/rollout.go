@@ -38,6 +38,7 @@ import (
 type Store interface {
 	AddRelease(ctx context.Context, rec controlplane.ReleaseRecord) (controlplane.ReleaseRecord, error)
 	CompleteRelease(ctx context.Context, version string) error
+	SetInstallable(ctx context.Context, version string, installable bool) error
 	Release(ctx context.Context, version string) (controlplane.ReleaseRecord, error)
 	Releases(ctx context.Context) ([]controlplane.ReleaseRecord, error)
 	SetRollout(ctx context.Context, r controlplane.Rollout) error
@@ -281,16 +282,19 @@ func (m *Manager) Get(ctx context.Context, version string) (controlplane.Release
 	return rec.Release, nil
 }
 
-// Latest returns the complete release of the highest version; ok is false
-// when there is none.
+// Latest returns what a new device installs: the complete release of the
+// highest version among the installable ones (rolled out to the whole
+// fleet, not aborted), or, while none ever was, of all; ok is false when
+// there is none.
 func (m *Manager) Latest(ctx context.Context) (controlplane.Release, bool, error) {
 	recs, err := m.cfg.Store.Releases(ctx)
 	if err != nil {
 		return controlplane.Release{}, false, err
 	}
 	var best *controlplane.ReleaseRecord
+	someInstallable := slices.ContainsFunc(recs, func(r controlplane.ReleaseRecord) bool { return r.Complete && r.Installable })
 	for i, rec := range recs {
-		if rec.Complete && (best == nil || versionCmp(rec.Version, best.Version) > 0) {
+		if rec.Complete && (rec.Installable || !someInstallable) && (best == nil || versionCmp(rec.Version, best.Version) > 0) {
 			best = &recs[i]
 		}
 	}
@@ -419,6 +423,17 @@ func (m *Manager) change(ctx context.Context, fn func(controlplane.Rollout, bool
 	}
 	next.UpdatedAt = m.cfg.Now().UTC()
 	if err := m.cfg.Store.SetRollout(ctx, next); err != nil {
+		return cur, err
+	}
+	// New devices install a release once it went to the whole fleet, and
+	// no more once that rollout is aborted.
+	switch {
+	case next.State == controlplane.RolloutActive && next.Percent == 100 && len(next.Labels) == 0:
+		err = m.cfg.Store.SetInstallable(ctx, next.Version, true)
+	case next.State == controlplane.RolloutAborted:
+		err = m.cfg.Store.SetInstallable(ctx, next.Version, false)
+	}
+	if err != nil {
 		return cur, err
 	}
 	m.plan = nil

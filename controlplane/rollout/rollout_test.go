@@ -171,3 +171,61 @@ func sorted(a, b string) []string {
 	}
 	return []string{a, b}
 }
+
+// TestLatestIsWhatTheFleetRuns: a new device installs the newest release
+// rolled out to the whole fleet: publishing alone, or a rollout to a
+// percent or to labels, does not change it; an aborted rollout takes its
+// release back. Before any release went to the whole fleet, the newest
+// one is installed (a new fleet's first device).
+func TestLatestIsWhatTheFleetRuns(t *testing.T) {
+	key := controlplanetest.NewReleaseKey(t)
+	p := open(t, t.TempDir(), key)
+	defer p.store.Close()
+	ctx := context.Background()
+	publish := func(v string) {
+		t.Helper()
+		bin := []byte("agent " + v)
+		manifest, sig := key.Sign(t, controlplanetest.Manifest(v, map[string][]byte{"arm64": bin}))
+		if _, err := p.mgr.Publish(ctx, manifest, sig); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.mgr.PutArtifact(ctx, v, "arm64", bytes.NewReader(bin)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	latest := func(want string) {
+		t.Helper()
+		rel, ok, err := p.mgr.Latest(ctx)
+		if err != nil || !ok || rel.Version != want {
+			t.Fatalf("new devices install %s (%v %v), want %s", rel.Version, ok, err, want)
+		}
+	}
+	publish("v1.0.0")
+	publish("v1.1.0")
+	latest("v1.1.0") // none went to the fleet yet
+	if _, err := p.mgr.Start(ctx, "v1.0.0", nil, 100); err != nil {
+		t.Fatal(err)
+	}
+	latest("v1.0.0")
+	publish("v1.2.0")
+	latest("v1.0.0")
+	if _, err := p.mgr.Start(ctx, "v1.2.0", nil, 10); err != nil {
+		t.Fatal(err)
+	}
+	latest("v1.0.0")
+	if _, err := p.mgr.Start(ctx, "v1.2.0", map[string]string{"site": "lab"}, 100); err != nil {
+		t.Fatal(err)
+	}
+	latest("v1.0.0")
+	if _, err := p.mgr.Start(ctx, "v1.2.0", nil, 10); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.mgr.SetPercent(ctx, 100); err != nil {
+		t.Fatal(err)
+	}
+	latest("v1.2.0")
+	if _, err := p.mgr.Abort(ctx); err != nil {
+		t.Fatal(err)
+	}
+	latest("v1.0.0")
+}
