@@ -37,6 +37,10 @@ type RateLimit struct {
 var (
 	DefaultConnectLimit = RateLimit{PerSecond: 100, Burst: 2000}
 	DefaultEnrollLimit  = RateLimit{PerSecond: 1, Burst: 50}
+	// DefaultReleaseLimit bounds /install.sh and /_tether/release/ (a
+	// binary is megabytes): a site installing 30 devices at once, then
+	// one every 10 s. Agents update over their sessions, not these.
+	DefaultReleaseLimit = RateLimit{PerSecond: 0.1, Burst: 30}
 )
 
 // ParseRate reads a rate setting: "off" or "0" (no limit), "N" or "N/s"
@@ -219,6 +223,7 @@ func (b *boundedLog) note(client, msg string, attrs ...any) {
 // the bounded logs of what anyone may cause there at will.
 type edgeLimits struct {
 	connect, enroll *limiter // nil: no limit
+	release         *limiter // /install.sh and /_tether/release/ (DefaultReleaseLimit)
 	// Refused enrollments (bad tokens), refused upgrades (not a WebSocket)
 	// and failed handshakes (unknown keys): one line per 10s with the
 	// count, each at debug; the metrics count each.
@@ -227,13 +232,14 @@ type edgeLimits struct {
 
 func newEdgeLimits(cfg Config, log *slog.Logger, reg prometheus.Registerer) *edgeLimits {
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_rate_limited_total",
-		Help: "Attempts on an agent endpoint refused with 429 because their client address was over its rate limit, by endpoint (connect, enroll)."}, []string{"endpoint"})
+		Help: "Attempts on an agent endpoint refused with 429 because their client address was over its rate limit, by endpoint (connect, enroll, release)."}, []string{"endpoint"})
 	if reg != nil {
 		reg.MustRegister(refused)
 	}
 	return &edgeLimits{
 		connect:        newLimiter("connect", cfg.ConnectLimit, DefaultConnectLimit, refused, log),
 		enroll:         newLimiter("enroll", cfg.EnrollLimit, DefaultEnrollLimit, refused, log),
+		release:        newLimiter("release", cfg.ReleaseLimit, DefaultReleaseLimit, refused, log),
 		enrollRefusals: newBoundedLog(log, 10*time.Second), upgradeRefusals: newBoundedLog(log, 10*time.Second),
 		handshakeFailures: newBoundedLog(log, 10*time.Second),
 	}

@@ -97,6 +97,9 @@ type Config struct {
 	// on /_tether/connect and /_tether/enroll (429 with Retry-After beyond
 	// them). Zero fields mean DefaultConnectLimit and DefaultEnrollLimit.
 	ConnectLimit, EnrollLimit RateLimit
+	// ReleaseLimit bounds downloads per client address from /install.sh
+	// and /_tether/release/. Zero fields mean DefaultReleaseLimit.
+	ReleaseLimit RateLimit
 	// HandshakeTimeout bounds an agent's handshake. Zero means 10s.
 	HandshakeTimeout time.Duration
 	// HeartbeatMin and HeartbeatMax bound the heartbeat interval of
@@ -343,7 +346,8 @@ func (s *Server) PublicHTTPHandler() http.Handler { return s.handler("http", fal
 func (s *Server) handler(scheme string, agents bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, leaseName := s.label(r.Host); agents && (!leaseName || s.ownName(r.Host)) {
-			if s.serveRelease(w, r) { // release_http.go
+			if r.URL.Path == InstallPath || strings.HasPrefix(r.URL.Path, ReleasePath) {
+				s.limits.release.wrap(func(w http.ResponseWriter, r *http.Request) { s.serveRelease(w, r) })(w, r) // release_http.go
 				return
 			}
 			switch r.URL.Path {
