@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/tetherfleet/tether/firmware/release"
 	"github.com/tetherfleet/tether/frames"
 )
 
@@ -83,6 +84,9 @@ func provisionFile(token, relay, services, name, keys string) ([]byte, error) {
 		lines = append(lines, "TETHER_DEVICE_NAME="+name)
 	}
 	if keys != "" {
+		if _, err := release.ParseKeys(strings.Split(keys, ",")); err != nil {
+			return nil, fmt.Errorf("--release-keys: %w", err) // the agent would refuse to start
+		}
 		lines = append(lines, "TETHER_RELEASE_KEYS="+keys)
 	}
 	for _, l := range lines {

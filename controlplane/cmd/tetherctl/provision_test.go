@@ -49,6 +49,7 @@ func TestProvisionRefuses(t *testing.T) {
 		"no port":       {"--services", "web=http://127.0.0.1"},
 		"device name":   {"--name", "Pi 01"},
 		"quote":         {"--release-keys", "RW'x"},
+		"release keys":  {"--release-keys", "garbage"},
 		"boot":          {"--boot", filepath.Join(boot, "missing")},
 	} {
 		args := []string{"provision"}
