@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"testing"
 
+	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/relaytest"
 )
 
@@ -11,7 +12,7 @@ import (
 // burst of /install.sh and release downloads, then 429 with Retry-After;
 // another address still gets them.
 func TestReleaseDownloadsLimited(t *testing.T) {
-	e := relaytest.Start(t, relaytest.Options{})
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) { c.ReleaseLimit = relay.DefaultReleaseLimit }})
 	get := func(c *http.Client) (int, string) {
 		resp, err := c.Get("https://" + e.HTTPSAddr() + "/install.sh")
 		if err != nil {

@@ -113,13 +113,16 @@ func (n *Node) Start() {
 		TCPPorts:         n.env.TCPPorts,
 		HandshakeTimeout: 5 * time.Second,
 		HeartbeatMin:     100 * time.Millisecond, // tests' agents beat fast to be declared dead fast
-		DrainWindow:      time.Second,
-		HelloInterval:    n.env.HelloInterval,
-		ClusterAddr:      n.ClusterAddr,
-		PeerCert:         &n.Certs.Peer,
-		PeerRoots:        n.Certs.Roots(),
-		Logger:           log,
-		Registerer:       n.Metrics,
+		// Tests poll the release endpoints from one address; the limit's
+		// own test sets relay.DefaultReleaseLimit.
+		ReleaseLimit:  relay.RateLimit{PerSecond: -1},
+		DrainWindow:   time.Second,
+		HelloInterval: n.env.HelloInterval,
+		ClusterAddr:   n.ClusterAddr,
+		PeerCert:      &n.Certs.Peer,
+		PeerRoots:     n.Certs.Roots(),
+		Logger:        log,
+		Registerer:    n.Metrics,
 	}
 	if n.env.opts.RelayConfig != nil {
 		n.env.opts.RelayConfig(&cfg)

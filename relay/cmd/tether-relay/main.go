@@ -72,6 +72,8 @@ type spec struct {
 	ConnectBurst     int           `split_words:"true" default:"2000" desc:"agent connections one client address may make at once (a fleet behind one NAT reconnecting)"`
 	EnrollRate       string        `split_words:"true" default:"1/s" desc:"enrollment attempts per client address, sustained: N/s, N/m, N/h, or off"`
 	EnrollBurst      int           `split_words:"true" default:"50" desc:"enrollment attempts one client address may make at once"`
+	ReleaseRate      string        `split_words:"true" default:"6/m" desc:"downloads of /install.sh and /_tether/release/ per client address, sustained: N/s, N/m, N/h, or off"`
+	ReleaseBurst     int           `split_words:"true" default:"30" desc:"release downloads one client address may make at once (a site installing devices)"`
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
 	HeartbeatMin     time.Duration `split_words:"true" default:"5s" desc:"agents' heartbeat intervals are clamped to HEARTBEAT_MIN..HEARTBEAT_MAX (and the agent told): a dead agent loses its routes within 3×HEARTBEAT_MAX"`
 	HeartbeatMax     time.Duration `split_words:"true" default:"60s" desc:"see HEARTBEAT_MIN"`
@@ -120,7 +122,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	names := splitList(s.PublicNames)
-	connectLimit, enrollLimit, err := rateLimits(s)
+	connectLimit, enrollLimit, releaseLimit, err := rateLimits(s)
 	if err != nil {
 		return err
 	}
@@ -212,7 +214,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if relayCfg.Releases, err = releases(keys, cpClient, s.DataDir, log.With("component", "releases")); err != nil {
 		return err
 	}
-	relayCfg.ConnectLimit, relayCfg.EnrollLimit = connectLimit, enrollLimit
+	relayCfg.ConnectLimit, relayCfg.EnrollLimit, relayCfg.ReleaseLimit = connectLimit, enrollLimit, releaseLimit
 	// In a cluster, peers reach this relay on its cluster listener (a
 	// standalone relay has no peers).
 	var clusterLn net.Listener

@@ -39,7 +39,7 @@ func TestReleaseContract(t *testing.T) {
 	data := t.TempDir()
 	addr := map[string]string{"https": freeAddr(t), "http": freeAddr(t), "ops": freeAddr(t), "admin": freeAddr(t)}
 	relay, err := harness.Start(harness.Cmd{Path: filepath.Join(bin, "tether-relay"), Env: []string{
-		"TETHER_DATA_DIR=" + data, "TETHER_HTTPS_ADDR=" + addr["https"], "TETHER_HTTP_ADDR=" + addr["http"],
+		"TETHER_DATA_DIR=" + data, "TETHER_RELEASE_RATE=off", "TETHER_HTTPS_ADDR=" + addr["https"], "TETHER_HTTP_ADDR=" + addr["http"],
 		"TETHER_OPS_ADDR=" + addr["ops"], "TETHER_ADMIN_ADDR=" + addr["admin"], "TETHER_TCP_HOST=127.0.0.1",
 		"TETHER_TCP_PORTS=" + relaytest.FreePortRange(t, 2).String(), "TETHER_RELAY_ID=relay-1", "TETHER_LOG_FORMAT=json",
 		"TETHER_RELEASE_KEYS=" + pub,
