@@ -34,6 +34,8 @@ func (s *Server) servePublic(w http.ResponseWriter, r *http.Request, scheme stri
 		return
 	}
 	s.limitBody(w, r)
+	w, done := s.limitResponse(w)
+	defer done()
 	if sess, service := s.reg.lookupHost(label); sess != nil && !s.isRevoked(sess.deviceID) {
 		release, ok := s.clientSlot(w, r, sess.deviceID, sess.name)
 		if !ok {

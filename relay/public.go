@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"cmp"
 	"crypto/tls"
 	"io"
@@ -46,6 +47,15 @@ type PublicLimits struct {
 	// H2MaxStreams caps the concurrent requests of one HTTP/2
 	// connection. Zero means 100.
 	H2MaxStreams int
+	// ResponseMinRate is the slowest a public client may take what the
+	// device sends (responses, WebSocket and TCP-lease data): each write
+	// must be taken within ResponseGrace plus its length at this rate, in
+	// bytes per second, or the client is cut off, so that its stream's
+	// buffered data does not hold the device's session up. Zero means 4096.
+	ResponseMinRate int
+	// ResponseGrace is how long a client may take before ResponseMinRate
+	// applies. Zero means 5s.
+	ResponseGrace time.Duration
 	// MaxStreamsPerClient caps the connections (HTTP requests in flight,
 	// WebSockets, TCP connections) one client address holds to one device
 	// at once, so that nobody takes a device's whole stream cap: beyond
@@ -65,6 +75,8 @@ func (l PublicLimits) withDefaults() PublicLimits {
 	l.StreamIdleTimeout = max(cmp.Or(l.StreamIdleTimeout, 100*time.Second), l.ResponseHeaderTimeout+time.Second)
 	l.H2MaxStreams = cmp.Or(l.H2MaxStreams, 100)
 	l.MaxStreamsPerClient = cmp.Or(l.MaxStreamsPerClient, 64)
+	l.ResponseMinRate = cmp.Or(l.ResponseMinRate, 4096)
+	l.ResponseGrace = cmp.Or(l.ResponseGrace, 5*time.Second)
 	return l
 }
 
@@ -131,6 +143,86 @@ func (b *minRateBody) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// minRate is the deadline of each write to a public client: it must be
+// taken within grace plus its length at rate. A connection that sits idle
+// (an SSH session) has no write pending, so nothing to miss.
+type minRate struct {
+	grace time.Duration
+	rate  int64
+}
+
+func (s *Server) newMinRate() minRate {
+	l := s.cfg.Public
+	return minRate{grace: l.ResponseGrace, rate: int64(l.ResponseMinRate)}
+}
+
+// deadline is when a write of len bytes starting now must be done.
+func (m minRate) deadline(len int) time.Time {
+	return time.Now().Add(m.grace + time.Duration(int64(len)*int64(time.Second)/m.rate))
+}
+
+// minRateResponse cuts off a public client that takes the response
+// slower than ResponseMinRate, through its ResponseWriter (write
+// deadlines) or, for an upgraded connection, its hijacked connection.
+type minRateResponse struct {
+	http.ResponseWriter
+	rc  *http.ResponseController
+	mr  minRate
+	cut func() // counts a client cut off (tether_relay_http_errors_total{reason="slow_client"})
+}
+
+// limitResponse wraps w for servePublic; done leaves the server's own
+// last writes (the end of the response) one grace period.
+func (s *Server) limitResponse(w http.ResponseWriter) (_ http.ResponseWriter, done func()) {
+	mw := &minRateResponse{ResponseWriter: w, rc: http.NewResponseController(w), mr: s.newMinRate(), cut: s.slowClient}
+	return mw, func() { mw.rc.SetWriteDeadline(mw.mr.deadline(4096)) }
+}
+
+func (w *minRateResponse) Write(p []byte) (int, error) {
+	w.rc.SetWriteDeadline(w.mr.deadline(len(p))) // no deadlines (a test recorder): nothing to do
+	n, err := w.ResponseWriter.Write(p)
+	if isTimeout(err) {
+		w.cut()
+	}
+	return n, err
+}
+
+// Flush and Unwrap keep streaming and http.ResponseController working.
+func (w *minRateResponse) Flush()                      { w.rc.Flush() }
+func (w *minRateResponse) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Hijack hands ReverseProxy the upgraded connection with the same rule on
+// its writes (WebSocket data from the device).
+func (w *minRateResponse) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := w.rc.Hijack()
+	if err != nil {
+		return c, brw, err
+	}
+	c.SetWriteDeadline(time.Time{})
+	mc := &minRateConn{Conn: c, mr: w.mr, cut: w.cut}
+	brw.Writer.Reset(mc)
+	return mc, brw, nil
+}
+
+// minRateConn is a public connection whose writes follow minRate.
+type minRateConn struct {
+	net.Conn
+	mr  minRate
+	cut func()
+}
+
+func (c *minRateConn) Write(p []byte) (int, error) {
+	c.Conn.SetWriteDeadline(c.mr.deadline(len(p)))
+	n, err := c.Conn.Write(p)
+	if isTimeout(err) {
+		c.cut()
+	}
+	return n, err
+}
+
+// slowClient counts a public client cut off for reading too slowly.
+func (s *Server) slowClient() { s.metrics.httpErrors.WithLabelValues("slow_client").Inc() }
 
 // idleConn closes a connection with no byte either way for limit.
 type idleConn struct {

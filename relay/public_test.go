@@ -2,6 +2,7 @@ package relay_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -261,4 +263,73 @@ func TestPerClientCap(t *testing.T) {
 	if resp.StatusCode != 200 {
 		t.Fatalf("another address: %s", resp.Status)
 	}
+}
+
+// TestSlowReadersCannotStallTheSession: public clients that stop reading
+// a large response (80 of them from two addresses, more than the
+// session's window holds) are cut off by the response's minimum rate; a
+// legitimate client meanwhile gets its answers, and the device's session
+// (its heartbeats) survives.
+func TestSlowReadersCannotStallTheSession(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) {
+		c.Public.ResponseGrace, c.Public.ResponseMinRate = 500*time.Millisecond, 64<<10
+	}})
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"})
+	ra.KeepAlive(t)
+	big := bytes.Repeat([]byte("x"), 64<<20) // more than any socket buffers hold
+	ra.ServeHTTP(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/big" {
+			w.Write(big)
+			return
+		}
+		io.WriteString(w, "ok")
+	}))
+	const host = "web-pi01.localhost"
+	var stalled []net.Conn
+	for i := range 80 {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(fmt.Sprintf("127.0.0.%d", 50+i%2))},
+			Control: func(_, _ string, c syscall.RawConn) error {
+				return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+			}}
+		c, err := d.Dial("tcp", e.HTTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		io.WriteString(c, "GET /big HTTP/1.1\r\nHost: "+host+"\r\n\r\n") // and never read
+		stalled = append(stalled, c)
+	}
+	legit := httpFrom(e, "127.0.0.9")
+	var worst time.Duration
+	for range 20 {
+		start := time.Now()
+		resp, err := legit.Get("http://" + host + "/")
+		if err != nil {
+			t.Fatalf("legitimate client during the attack: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("legitimate client during the attack: %s", resp.Status)
+		}
+		worst = max(worst, time.Since(start))
+	}
+	relaytest.Eventually(t, 20*time.Second, func() error {
+		if n := e.Counter("tether_relay_http_errors_total", "slow_client"); n < float64(len(stalled)) {
+			return fmt.Errorf("%v of %d stalled readers cut off", n, len(stalled))
+		}
+		return nil
+	})
+	for i, c := range stalled {
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		n, err := io.Copy(io.Discard, c) // what the socket buffers held, then the relay's close
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() || n >= int64(len(big)) {
+			t.Fatalf("stalled reader %d: %d bytes, %v: not cut off", i, n, err)
+		}
+	}
+	if n := e.Counter("tether_relay_dead_sessions_total", ""); n != 0 {
+		t.Fatalf("the device's session was declared dead %v times", n)
+	}
+	t.Logf("80 stalled readers of a 64 MiB response: all cut off; a legitimate client's slowest of 20 requests meanwhile took %v; the session lived", worst.Round(time.Millisecond))
 }

@@ -317,7 +317,7 @@ func (s *Server) serveTCP(port uint16, c net.Conn) {
 // spliceTCP copies a public connection and a stream to the device both
 // ways until both end.
 func (s *Server) spliceTCP(c, st net.Conn, device, service string) {
-	res := splice.Splice(closeIdle(c, s.cfg.Public.TCPIdleTimeout), st)
+	res := splice.Splice(&minRateConn{Conn: closeIdle(c, s.cfg.Public.TCPIdleTimeout), mr: s.newMinRate(), cut: s.slowClient}, st)
 	s.metrics.bytes.WithLabelValues("to_device").Add(float64(res.AToB))
 	s.metrics.bytes.WithLabelValues("from_device").Add(float64(res.BToA))
 	var refused *RefusedError

@@ -47,7 +47,11 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	buf := bufPool.Get().(*[]byte)
 	defer bufPool.Put(buf)
 	n, err := io.CopyBuffer(dst, src, *buf)
-	if err != nil && !isClosed(err) {
+	if err != nil && !errors.Is(err, io.EOF) {
+		// Not the peer's end of stream: a connection closed under us (an
+		// smux stream whose session died reads io.ErrClosedPipe) or
+		// failed. End both, so that nothing waits on the other side for
+		// ever (a local service that answers only minutes later).
 		return n, err
 	}
 	if cw, ok := dst.(closeWriter); ok {
@@ -59,6 +63,3 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 
 var errNoHalfClose = errors.New("splice: destination cannot half-close")
 
-func isClosed(err error) bool {
-	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrClosedPipe)
-}

@@ -86,3 +86,28 @@ func TestResetEndsBoth(t *testing.T) {
 		t.Fatal("the client side was not closed")
 	}
 }
+
+// TestClosedUnderUs: a connection closed under the splice (an smux stream
+// whose session died) ends both directions at once, even while the other
+// side is silent: nothing waits on a local service for ever.
+func TestClosedUnderUs(t *testing.T) {
+	a, aPeer := tcpPair(t)
+	b, bPeer := tcpPair(t)
+	defer aPeer.Close()
+	defer bPeer.Close()
+	done := make(chan splice.Result, 1)
+	go func() { done <- splice.Splice(a, b) }()
+	a.Close() // as smux closes a stream when its session dies
+	select {
+	case r := <-done:
+		if r.Err == nil {
+			t.Error("no error reported")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the splice still waits on the silent side")
+	}
+	bPeer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := bPeer.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the other side was not closed")
+	}
+}

@@ -84,6 +84,7 @@ type spec struct {
 	PublicBodyMinRate       int           `split_words:"true" default:"1024" desc:"public request bodies arriving slower than this (bytes/s on average, after 10s) are cut off"`
 	PublicResponseTimeout   time.Duration `split_words:"true" default:"60s" desc:"wait for a device's response header, then answer 504"`
 	PublicStreamIdleTimeout time.Duration `split_words:"true" default:"100s" desc:"connections to a device's HTTP service (WebSocket, streamed responses) with no byte either way for this long are closed"`
+	PublicResponseMinRate   int           `split_words:"true" default:"4096" desc:"public clients must take what the device sends at this many bytes/s (each write within 5s plus its length at this rate), else they are cut off so their stream does not hold the device's session up"`
 	PublicMaxPerClient      int           `split_words:"true" default:"64" desc:"connections one client address may hold to one device at once; beyond: 429, or the TCP connection is closed"`
 	TCPIdleTimeout          time.Duration `split_words:"true" desc:"TCP lease connections with no byte either way for this long are closed; empty: never"`
 
@@ -208,7 +209,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		Public: relay.PublicLimits{
 			HeaderTimeout: s.PublicHeaderTimeout, IdleTimeout: s.PublicIdleTimeout, BodyMinRate: s.PublicBodyMinRate,
 			ResponseHeaderTimeout: s.PublicResponseTimeout, StreamIdleTimeout: s.PublicStreamIdleTimeout,
-			TCPIdleTimeout: s.TCPIdleTimeout, MaxStreamsPerClient: s.PublicMaxPerClient,
+			TCPIdleTimeout: s.TCPIdleTimeout, MaxStreamsPerClient: s.PublicMaxPerClient, ResponseMinRate: s.PublicResponseMinRate,
 		},
 	}
 	if relayCfg.Releases, err = releases(keys, cpClient, s.DataDir, log.With("component", "releases")); err != nil {
