@@ -12,7 +12,9 @@ import (
 //
 // A device name is a DNS label of 1 to MaxDeviceName characters: lowercase
 // letters, digits and inner hyphens, not starting with "xn--" (IDN
-// look-alikes) and not a reserved name (see Reserved). A service name is 1
+// look-alikes), without "--" anywhere (a hostname whose natural name is
+// taken gets a "--N" suffix, which is then nobody's SERVICE-DEVICE) and
+// not a reserved name (see Reserved). A service name is 1
 // to MaxServiceName lowercase letters and digits, without '-' ("api" is a
 // fine service name: its hostname is api-DEVICE). A public hostname label
 // is SERVICE-DEVICE, so it splits one way only, at its first '-': device
@@ -49,6 +51,8 @@ func ValidDeviceName(name string) error {
 		return fmt.Errorf("%w: device name %q is not a DNS-safe slug (1-%d of a-z, 0-9, inner '-')", ErrBadName, name, MaxDeviceName)
 	case strings.HasPrefix(name, "xn--"):
 		return fmt.Errorf("%w: device name %q starts with xn-- (internationalised names are not allowed: they can look like other names)", ErrBadName, name)
+	case strings.Contains(name, "--"):
+		return fmt.Errorf("%w: device name %q has \"--\" (kept for the suffix of a hostname whose natural name is taken)", ErrBadName, name)
 	case reserved[name]:
 		return fmt.Errorf("%w: device name %q is reserved", ErrBadName, name)
 	}

@@ -16,6 +16,7 @@ func TestNames(t *testing.T) {
 		{"lab-cam", true, false},
 		{"xn--80ak6aa92e", false, false},
 		{"xnfoo", true, true},
+		{"page--2", false, false},
 		{"www", false, true},
 		{"admin", false, true},
 		{"relay", false, true},

@@ -103,8 +103,8 @@ func TestRelayNamesAreNeverLeased(t *testing.T) {
 	_, key, _ := ed25519.GenerateKey(nil)
 	e.Enroll(t, key, "1")
 	ls := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool()).Handshake(t, key, frames.Service{Name: "relay", Proto: "http"})
-	if got := ls.Leases[0].Hostname; got != "relay-1-2.localhost" {
-		t.Fatalf("device 1's service relay leased %q, want relay-1-2.localhost (relay-1 is the relay's own)", got)
+	if got := ls.Leases[0].Hostname; got != "relay-1--2.localhost" {
+		t.Fatalf("device 1's service relay leased %q, want relay-1--2.localhost (relay-1 is the relay's own)", got)
 	}
 	e.KillRelay()
 	e.StartRelay() // fails the test on a clash

@@ -148,7 +148,7 @@ func TestLeaseRelease(t *testing.T) {
 	e.AwaitPage(false, "web-pi01.localhost", "/", 404, "No Tether service", 10*time.Second)
 	b.AwaitPage(false, "web-pi01.localhost", "/", 404, "No Tether service", 10*time.Second)
 	ra.Send(t, &frames.Register{Services: []frames.Service{{Name: "web", Proto: "http"}}})
-	if ls, ok := ra.Recv(t).(*frames.Leases); !ok || len(ls.Leases) != 1 || ls.Leases[0].Hostname != "web-pi01-2.localhost" {
+	if ls, ok := ra.Recv(t).(*frames.Leases); !ok || len(ls.Leases) != 1 || ls.Leases[0].Hostname != "web-pi01--2.localhost" {
 		t.Fatalf("web again during the quarantine: %+v", ls)
 	}
 }

@@ -415,7 +415,7 @@ func TestLeaseQuotaAndQuarantine(t *testing.T) {
 	}
 	// In quarantine: nobody gets them, the device that held them neither.
 	ls, err := register(k, tcp("a"), web)
-	if err != nil || ls[1].Hostname != "web-pi01-2" {
+	if err != nil || ls[1].Hostname != "web-pi01--2" {
 		t.Fatalf("web again during the quarantine: %+v %v", ls, err)
 	}
 	k2, k3 := enrolled(t, s, "pi02"), enrolled(t, s, "pi03")
@@ -492,7 +492,7 @@ func TestDeleteAndReplace(t *testing.T) {
 	}
 	k3 := enrolled(t, s, "pi01") // the name is free again, its hostname not yet
 	_, l3 := connectRegister(t, s, k3, web, ssh)
-	if l3[0].Hostname != "web-pi01-2" || l3[1].Port == before[1].Port {
+	if l3[0].Hostname != "web-pi01--2" || l3[1].Port == before[1].Port {
 		t.Fatalf("during the quarantine: %+v", l3)
 	}
 	if err := s.Check(); err != nil {

@@ -133,14 +133,16 @@ func (s *Store) release(tx *bolt.Tx, l controlplane.Lease) error {
 	return nil
 }
 
-// freeHostname returns label, or label-2, label-3..., the first that is
-// neither leased, nor reserved, nor in quarantine.
+// freeHostname returns label, or label--2, label--3..., the first that is
+// neither leased, nor reserved, nor in quarantine. The suffix has "--",
+// which no device name has (frames), so that it is nobody's SERVICE-DEVICE:
+// "status-page--2" cannot be device "page-2"'s service "status".
 func (s *Store) freeHostname(tx *bolt.Tx, label string, now time.Time) (string, error) {
 	leased, reserved := tx.Bucket(bucketHostnames), tx.Bucket(bucketReserved)
 	for i := 1; i < 100000; i++ {
 		cand := label
 		if i > 1 {
-			sfx := "-" + strconv.Itoa(i)
+			sfx := "--" + strconv.Itoa(i)
 			cand = label[:min(len(label), 63-len(sfx))] + sfx
 		}
 		if leased.Get([]byte(cand)) == nil && reserved.Get([]byte(cand)) == nil && !quarantined(tx, hostKey(cand), now) {
