@@ -102,3 +102,18 @@ func TestConfigRefusesInsecureAndBadHeartbeats(t *testing.T) {
 		}
 	}
 }
+
+// TestLegacyServiceNameNeverEnrolls: a device not enrolled yet with a
+// service name of the older grammar ('-') stops before it uses a token up:
+// no relay would give that name a lease.
+func TestLegacyServiceNameNeverEnrolls(t *testing.T) {
+	a, err := New(Config{RelayURLs: []string{"wss://relay.test"}, StateDir: t.TempDir(), EnrollToken: "tth_x",
+		Services: []Service{{"my-web", "http", "127.0.0.1:1"}}, HeartbeatInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = a.Run(t.Context())
+	if !errors.Is(err, ErrNotEnrolled) || !strings.Contains(err.Error(), `service "my-web"`) {
+		t.Fatalf("run: %v", err)
+	}
+}

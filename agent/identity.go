@@ -76,6 +76,13 @@ func (a *Agent) loadIdentity(ctx context.Context) (*identity, error) {
 	if a.cfg.EnrollToken == "" {
 		return nil, ErrNotEnrolled
 	}
+	// A new device has no lease a '-' service name could keep: enrolling
+	// would use a token up for a device whose registration is refused.
+	for _, s := range a.cfg.Services {
+		if frames.LegacyServiceName(s.Name) {
+			return nil, fmt.Errorf("%w; service %q: a name with '-' only keeps the hostname it already holds, and a new device holds none: rename it (no '-')", ErrNotEnrolled, s.Name)
+		}
+	}
 	name, isDefault := a.cfg.DeviceName, false
 	if name == "" {
 		name, isDefault = DefaultDeviceName(), true

@@ -53,3 +53,24 @@ func TestGate(t *testing.T) {
 		}
 	})
 }
+
+// TestClientCapsGroupIPv6: the per-client cap counts an IPv6 /64 as one
+// client, as the rate limits do: a client with a /64 cannot take a
+// device's whole stream cap by changing addresses.
+func TestClientCapsGroupIPv6(t *testing.T) {
+	c := newClientCaps(2)
+	for _, remote := range []string{"[2001:db8::1]:1000", "[2001:db8::2]:1000"} {
+		if _, ok := c.take("d1", remote); !ok {
+			t.Fatalf("%s refused under the cap", remote)
+		}
+	}
+	if _, ok := c.take("d1", "[2001:db8::ffff]:2000"); ok {
+		t.Fatal("a third address of the same /64 was admitted past the cap of 2")
+	}
+	if _, ok := c.take("d1", "[2001:db8:0:1::1]:1000"); !ok {
+		t.Fatal("another /64 was refused")
+	}
+	if _, ok := c.take("d2", "[2001:db8::3]:1000"); !ok {
+		t.Fatal("another device was refused")
+	}
+}

@@ -17,6 +17,7 @@ var clientAddressHeaders = []string{
 	"Forwarded", "X-Real-Ip", "True-Client-Ip", "Cf-Connecting-Ip", "Cf-Connecting-Ipv6",
 	"X-Client-Ip", "X-Cluster-Client-Ip", "Fastly-Client-Ip", "X-Original-Forwarded-For",
 	"X-Originating-Ip", "X-Remote-Ip", "X-Remote-Addr", "Client-Ip",
+	"Forwarded-For", "X-Forwarded", "X-Proxyuser-Ip", "X-Real-Client-Ip", "Via-Client-Ip",
 }
 
 // setForwarded replaces whatever the public client said about where it

@@ -8,6 +8,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -282,18 +283,19 @@ type clientCaps struct {
 	n   map[deviceClient]int
 }
 
-type deviceClient struct{ device, ip string }
+// deviceClient is a client (an IPv4 address, an IPv6 /64: clientKey, as
+// the rate limits count them) of a device.
+type deviceClient struct {
+	device string
+	client netip.Prefix
+}
 
 func newClientCaps(max int) *clientCaps { return &clientCaps{max: max, n: map[deviceClient]int{}} }
 
 // take counts a connection of the client at remote ("ip:port") to device
 // and returns its release, or false when the client is at the cap.
 func (c *clientCaps) take(device, remote string) (release func(), ok bool) {
-	ip, _, err := net.SplitHostPort(remote)
-	if err != nil {
-		ip = remote
-	}
-	k := deviceClient{device, ip}
+	k := deviceClient{device, clientKey(remote)}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.n[k] >= c.max {

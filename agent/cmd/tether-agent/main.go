@@ -168,7 +168,6 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	} else if err != nil {
 		log.Warn("agent update state", "err", err)
 	}
-	writeStateFile(log, s.StateDir, versionFile, []byte(version+"\n"))
 	a, err := agent.New(agent.Config{
 		RelayURLs:         strings.Split(s.RelayURL, ","),
 		EnrollToken:       token,
@@ -184,6 +183,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		OnLeases: func(ls []frames.Lease) {
 			debug.FreeOSMemory()
 			writeLeases(log, s.StateDir, ls)
+			writeStateFile(log, s.StateDir, versionFile, []byte(version+"\n")) // the state dir exists now
 			forgetToken(log, s.StateDir, s.EnrollTokenFile)
 		},
 		Insecure:    s.Insecure,
