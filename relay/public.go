@@ -147,10 +147,13 @@ func (b *minRateBody) Read(p []byte) (int, error) {
 
 // minRate is the deadline of each write to a public client: it must be
 // taken within grace plus its length at rate. A connection that sits idle
-// (an SSH session) has no write pending, so nothing to miss.
+// (an SSH session) has no write pending, so nothing to miss. The deadline
+// is moved only when less than half the grace is left (a fast client's
+// writes do not each pay for it).
 type minRate struct {
 	grace time.Duration
 	rate  int64
+	until time.Time // the deadline set last
 }
 
 func (s *Server) newMinRate() minRate {
@@ -161,6 +164,16 @@ func (s *Server) newMinRate() minRate {
 // deadline is when a write of len bytes starting now must be done.
 func (m minRate) deadline(len int) time.Time {
 	return time.Now().Add(m.grace + time.Duration(int64(len)*int64(time.Second)/m.rate))
+}
+
+// next returns the deadline to set before a write of len bytes, or false
+// when the one set last leaves enough time.
+func (m *minRate) next(len int) (time.Time, bool) {
+	if time.Until(m.until) > m.grace/2+time.Duration(int64(len)*int64(time.Second)/m.rate) {
+		return m.until, false
+	}
+	m.until = m.deadline(len)
+	return m.until, true
 }
 
 // minRateResponse cuts off a public client that takes the response
@@ -181,7 +194,9 @@ func (s *Server) limitResponse(w http.ResponseWriter) (_ http.ResponseWriter, do
 }
 
 func (w *minRateResponse) Write(p []byte) (int, error) {
-	w.rc.SetWriteDeadline(w.mr.deadline(len(p))) // no deadlines (a test recorder): nothing to do
+	if d, ok := w.mr.next(len(p)); ok {
+		w.rc.SetWriteDeadline(d) // no deadlines (a test recorder): nothing to do
+	}
 	n, err := w.ResponseWriter.Write(p)
 	if isTimeout(err) {
 		w.cut()
@@ -201,7 +216,9 @@ func (w *minRateResponse) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return c, brw, err
 	}
 	c.SetWriteDeadline(time.Time{})
-	mc := &minRateConn{Conn: c, mr: w.mr, cut: w.cut}
+	mr := w.mr
+	mr.until = time.Time{} // cleared above
+	mc := &minRateConn{Conn: c, mr: mr, cut: w.cut}
 	brw.Writer.Reset(mc)
 	return mc, brw, nil
 }
@@ -214,7 +231,9 @@ type minRateConn struct {
 }
 
 func (c *minRateConn) Write(p []byte) (int, error) {
-	c.Conn.SetWriteDeadline(c.mr.deadline(len(p)))
+	if d, ok := c.mr.next(len(p)); ok {
+		c.Conn.SetWriteDeadline(d)
+	}
 	n, err := c.Conn.Write(p)
 	if isTimeout(err) {
 		c.cut()

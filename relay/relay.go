@@ -207,12 +207,6 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Replica == nil {
 		return nil, errors.New("relay: Replica is required")
 	}
-	// Agents' sessions may buffer more than an agent's own 4 MiB: a public
-	// client that reads slowly holds up to a stream window (512 KiB) of
-	// its stream's data here, and the session must keep reading the
-	// others and the heartbeats until the client is cut off
-	// (PublicLimits.ResponseMinRate), not stall once eight are full.
-	cfg.Mux.SessionWindow = cmp.Or(cfg.Mux.SessionWindow, 32<<20)
 	if err := cfg.Mux.Verify(); err != nil {
 		return nil, fmt.Errorf("relay: %w", err)
 	}
