@@ -62,4 +62,3 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 }
 
 var errNoHalfClose = errors.New("splice: destination cannot half-close")
-
