@@ -15,6 +15,7 @@ import (
 	"github.com/tetherfleet/tether/agent/bootenv"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/cli"
+	"github.com/tetherfleet/tether/frames/secretfile"
 )
 
 const aboutProvision = `tether-agent provision: takes a tether.env from the boot partition (the first found in
@@ -150,23 +151,10 @@ func forgetToken(log *slog.Logger, stateDir, tokenFile string) {
 	}
 }
 
-// writeStateFile writes name in the state dir atomically (0600).
+// writeStateFile writes name in the state dir atomically (0600); a
+// failure is logged, not fatal.
 func writeStateFile(log *slog.Logger, stateDir, name string, data []byte) {
-	path := filepath.Join(stateDir, name)
-	f, err := os.CreateTemp(stateDir, "."+name+".*") // 0600
-	if err == nil {
-		_, err = f.Write(data)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err == nil {
-			err = os.Rename(f.Name(), path)
-		}
-		if err != nil {
-			os.Remove(f.Name())
-		}
-	}
-	if err != nil {
-		log.Warn("record leases", "file", path, "err", err)
+	if err := secretfile.Write(filepath.Join(stateDir, name), data); err != nil {
+		log.Warn("write a state file", "err", err)
 	}
 }
