@@ -45,6 +45,12 @@ const HeaderLen = 5
 // stream. Readers may pass a smaller limit.
 const MaxPayload = 64 << 10
 
+// MaxPreAuthPayload is the largest payload of Hello and Auth, the frames
+// an agent sends before it is authenticated. A relay reads them with this
+// limit, and its smux session takes no longer data frame from a peer it
+// does not trust yet (wsmux.Config.PreAuthWindow is above it).
+const MaxPreAuthPayload = 1 << 10
+
 // Type identifies a message. Values are frozen on the wire.
 type Type uint8
 
@@ -61,7 +67,8 @@ const (
 	// TypeWelcome (relay→agent) says the handshake succeeded: device ID,
 	// device name and the session's generation.
 	TypeWelcome Type = 4
-	// TypeRegister (agent→relay) lists the agent's services (name, proto).
+	// TypeRegister (agent→relay) lists the agent's services (name, proto),
+	// then, if any asks for one, their idle timeouts in seconds.
 	TypeRegister Type = 5
 	// TypeLeases (relay→agent) lists the public names leased to each service.
 	TypeLeases Type = 6

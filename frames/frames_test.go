@@ -32,7 +32,8 @@ func samples() map[string]Message {
 		"challenge":     &Challenge{Nonce: key, RelayID: "relay-a"},
 		"auth":          &Auth{Signature: sig},
 		"welcome":       &Welcome{DeviceID: "dabc", DeviceName: "pi01", Generation: 7, HeartbeatMillis: 15000},
-		"register":      &Register{Services: []Service{{"web", "http"}, {"ssh", "tcp"}}},
+		"register":      &Register{Services: []Service{{Name: "web", Proto: "http"}, {Name: "ssh", Proto: "tcp"}}},
+		"register-idle": &Register{Services: []Service{{Name: "web", Proto: "http"}, {Name: "ssh", Proto: "tcp", IdleSeconds: 600}}},
 		"leases":        &Leases{Leases: []Lease{{"web", "http", "web-pi01.example.com", 0}, {"ssh", "tcp", "", 20001}}},
 		"heartbeat":     &Heartbeat{Seq: 42, ActiveStreams: 3, TotalStreams: 99},
 		"heartbeat-ack": &HeartbeatAck{Seq: 42},
@@ -131,6 +132,11 @@ func TestReadErrors(t *testing.T) {
 		{"field missing", []byte{byte(TypeHeartbeatAck), 0, 0, 0, 2, 1, 2}, ErrShort},
 		{"string too long", append([]byte{byte(TypeStreamOpen), 0, 0, 0, 2}, 0xff, 0xff), ErrInvalid},
 		{"too many services", append([]byte{byte(TypeRegister), 0, 0, 0, 2}, 0x01, 0x00), ErrInvalid},
+		// One service, "a" over "tcp", then idle seconds for two.
+		{"idle timeouts for another number of services", []byte{byte(TypeRegister), 0, 0, 0, 18,
+			0, 1, 0, 1, 'a', 0, 3, 't', 'c', 'p', 0, 2, 0, 0, 0, 10, 0, 0}, ErrInvalid},
+		{"idle timeouts cut short", []byte{byte(TypeRegister), 0, 0, 0, 14,
+			0, 1, 0, 1, 'a', 0, 3, 't', 'c', 'p', 0, 1, 0, 0}, ErrShort},
 		{"peer-open without client address", []byte{byte(TypePeerOpen), 0, 0, 0, 5, 0, 1, 'd', 0, 0}, ErrShort},
 	}
 	for _, c := range cases {
@@ -205,6 +211,8 @@ func FuzzRead(f *testing.F) {
 		f.Add(Append(nil, m), uint8(3))
 	}
 	f.Add([]byte{byte(TypeRegister), 0, 0, 0, 0}, uint8(1))
+	// A Register whose idle timeouts are all zero: it encodes without them.
+	f.Add([]byte{byte(TypeRegister), 0, 0, 0, 16, 0, 1, 0, 1, 'a', 0, 3, 't', 'c', 'p', 0, 1, 0, 0, 0, 0}, uint8(5))
 	f.Fuzz(func(t *testing.T, data []byte, cut uint8) {
 		split := int(cut) % (len(data) + 1)
 		r := io.MultiReader(bytes.NewReader(data[:split]), bytes.NewReader(data[split:]))
@@ -268,5 +276,50 @@ func TestWelcomeWithoutHeartbeat(t *testing.T) {
 	m, err := Read(bytes.NewReader(old), 0)
 	if w, ok := m.(*Welcome); err != nil || !ok || w.Generation != 7 || w.HeartbeatMillis != 0 {
 		t.Fatalf("old welcome: %#v %v", m, err)
+	}
+}
+
+// TestRegisterIdleSeconds: the services' idle timeouts follow the list
+// only when one is asked for, so a Register that asks none is byte for
+// byte an older agent's; an older agent's Register reads with none; and an
+// older relay, which stops after the list, reads the services alone.
+func TestRegisterIdleSeconds(t *testing.T) {
+	none := &Register{Services: []Service{{Name: "web", Proto: "http"}, {Name: "ssh", Proto: "tcp"}}}
+	golden, err := os.ReadFile(filepath.Join("testdata", "register.hex"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := hex.Dump(Append(nil, none)); got != string(golden) {
+		t.Fatalf("a register asking no idle timeout changed its encoding:\n%s", got)
+	}
+
+	// The agent of before the field: its register, written by hand.
+	old := []byte{byte(TypeRegister), 0, 0, 0, 23, 0, 2, 0, 3, 'w', 'e', 'b', 0, 4, 'h', 't', 't', 'p', 0, 3, 's', 's', 'h', 0, 3, 't', 'c', 'p'}
+	m, err := Read(bytes.NewReader(old), 0)
+	if err != nil || !reflect.DeepEqual(m, none) {
+		t.Fatalf("an older agent's register: %#v %v", m, err)
+	}
+
+	asks := &Register{Services: []Service{{Name: "web", Proto: "http"}, {Name: "ssh", Proto: "tcp", IdleSeconds: 600}}}
+	b := Append(nil, asks)
+	if want := len(old) + 2 + 2*4; len(b) != want {
+		t.Fatalf("register with idle timeouts is %d bytes, want %d", len(b), want)
+	}
+	if !bytes.Equal(b[len(old):], []byte{0, 2, 0, 0, 0, 0, 0, 0, 0x02, 0x58}) {
+		t.Fatalf("idle timeouts encoded as % x", b[len(old):])
+	}
+	// An older relay reads the list and ignores what follows: the same
+	// services, as this decoder reads them without the idle timeouts.
+	var older Register
+	d := decoder{p: b[HeaderLen:]}
+	for range d.count(MaxServices) {
+		older.Services = append(older.Services, Service{Name: d.string(), Proto: d.string()})
+	}
+	if d.err != nil || !reflect.DeepEqual(&older, none) {
+		t.Fatalf("an older relay reads %#v, %v", older, d.err)
+	}
+	m, err = Read(bytes.NewReader(b), 0)
+	if err != nil || !reflect.DeepEqual(m, asks) {
+		t.Fatalf("read back: %#v %v", m, err)
 	}
 }

@@ -14,6 +14,10 @@ const (
 	// MaxBlob is the longest byte-string field (a release manifest or its
 	// signature), in bytes.
 	MaxBlob = 16 << 10
+	// MinIdleSeconds and MaxIdleSeconds bound a service's idle timeout
+	// (Service.IdleSeconds, when not zero): 10 s to 24 h.
+	MinIdleSeconds = 10
+	MaxIdleSeconds = 24 * 60 * 60
 )
 
 // Hello (agent→relay) opens the handshake on the control stream.
@@ -50,9 +54,19 @@ type Welcome struct {
 type Service struct {
 	Name  string // DNS-safe service name, e.g. "web"
 	Proto string // "http" or "tcp"
+	// IdleSeconds asks the relay to close a public connection to a tcp
+	// service after this many seconds without a byte either way. Zero
+	// means none asked (the relay's own setting applies); relays clamp
+	// other values to MinIdleSeconds..MaxIdleSeconds and ignore it for
+	// http services.
+	IdleSeconds uint32
 }
 
-// Register (agent→relay) lists the services the agent serves.
+// Register (agent→relay) lists the services the agent serves. The idle
+// seconds of the services travel after the list, as a second list of the
+// same length, and only when one of them is not zero: a Register without
+// them (an older agent's) reads as all zero, and an older relay ignores
+// them.
 type Register struct {
 	Services []Service
 }
@@ -274,9 +288,18 @@ func (m *Welcome) parse(p []byte) error {
 
 func (m *Register) AppendPayload(b []byte) []byte {
 	b = binary.BigEndian.AppendUint16(b, uint16(len(m.Services)))
+	idle := false
 	for _, s := range m.Services {
 		b = appendString(b, s.Name)
 		b = appendString(b, s.Proto)
+		idle = idle || s.IdleSeconds != 0
+	}
+	if !idle {
+		return b
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(m.Services)))
+	for _, s := range m.Services {
+		b = binary.BigEndian.AppendUint32(b, s.IdleSeconds)
 	}
 	return b
 }
@@ -286,6 +309,15 @@ func (m *Register) parse(p []byte) error {
 	n := d.count(MaxServices)
 	for i := 0; i < n && d.err == nil; i++ {
 		m.Services = append(m.Services, Service{Name: d.string(), Proto: d.string()})
+	}
+	if d.err != nil || len(d.p) == 0 {
+		return d.err // no idle seconds: an older agent's
+	}
+	if k := d.count(MaxServices); d.err == nil && k != len(m.Services) {
+		return fmt.Errorf("%d idle timeouts for %d services: %w", k, len(m.Services), ErrInvalid)
+	}
+	for i := 0; i < len(m.Services) && d.err == nil; i++ {
+		m.Services[i].IdleSeconds = d.u32()
 	}
 	return d.err
 }
