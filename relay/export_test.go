@@ -2,6 +2,8 @@ package relay
 
 import (
 	"context"
+	"testing"
+	"time"
 
 	"github.com/xtaci/smux"
 )
@@ -11,4 +13,11 @@ import (
 // in a synctest bubble.
 func (s *Server) RunSession(ctx context.Context, mux *smux.Session, remote string) {
 	s.runSession(ctx, mux, remote, func() {})
+}
+
+// SetTCPIdleFloor lowers, until the test ends, the shortest idle timeout
+// a TCP service gets (10s), so that a test sees one act within seconds.
+func SetTCPIdleFloor(t testing.TB, d time.Duration) {
+	old := tcpIdleFloor.Swap(int64(d))
+	t.Cleanup(func() { tcpIdleFloor.Store(old) })
 }

@@ -58,7 +58,9 @@ func (s *Server) servePeer(ctx context.Context, open *frames.PeerOpen, st net.Co
 		return
 	}
 	c.passAnswer() // the agent's answer is the peer's to read
-	res := splice.Splice(st, c)
+	// The idle timeout the service asked for, which the relay the client
+	// reached does not know: closing the peer stream closes the client.
+	res := splice.Splice(s.closeIdleTCP(st, sess.idleFor(open.Service)), c)
 	s.metrics.bytes.WithLabelValues("from_peer").Add(float64(res.AToB))
 	s.metrics.bytes.WithLabelValues("to_peer").Add(float64(res.BToA))
 }

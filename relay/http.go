@@ -147,7 +147,7 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 			if err != nil {
 				return nil, err
 			}
-			return closeIdle(c, s.cfg.Public.StreamIdleTimeout), nil
+			return closeIdle(c, s.cfg.Public.StreamIdleTimeout, nil), nil
 		},
 		ResponseHeaderTimeout: s.cfg.Public.ResponseHeaderTimeout,
 		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,

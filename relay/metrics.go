@@ -15,6 +15,7 @@ type metrics struct {
 	httpErrors       *prometheus.CounterVec
 	tcpConns         prometheus.Counter
 	tcpListenErrors  prometheus.Counter
+	tcpIdleClosed    prometheus.Counter
 	bytes            *prometheus.CounterVec
 	enrollments      *prometheus.CounterVec
 	controlQueueFull prometheus.Counter
@@ -54,6 +55,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		httpErrors:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_http_errors_total", Help: "Public HTTP requests answered with an error page, by reason."}, []string{"reason"}),
 		tcpConns:         prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_tcp_connections_total", Help: "Public TCP connections accepted on leased ports."}),
 		tcpListenErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_tcp_listen_errors_total", Help: "Leased TCP ports that could not be bound."}),
+		tcpIdleClosed:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_tcp_idle_closed_total", Help: "TCP lease connections closed after their idle timeout (a forwarded one by the relay holding the device when the service asked for it)."}),
 		bytes:            prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_tcp_bytes_total", Help: "Bytes spliced through TCP leases."}, []string{"direction"}),
 		enrollments:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_relay_enrollments_total", Help: "Enrollment requests by result."}, []string{"result"}),
 		controlQueueFull: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_relay_control_queue_full_total", Help: "Sessions closed because their control queue was full: the agent stopped reading its control stream."}),
@@ -79,7 +81,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.sessions, m.handshakes, m.heartbeats, m.deadSessions, m.protocolErrors, m.streams,
-			m.streamsRefused, m.httpRequests, m.httpErrors, m.tcpConns, m.tcpListenErrors, m.bytes, m.enrollments, m.controlQueueFull,
+			m.streamsRefused, m.httpRequests, m.httpErrors, m.tcpConns, m.tcpListenErrors, m.tcpIdleClosed, m.bytes, m.enrollments, m.controlQueueFull,
 			m.events, m.eventsDropped, m.snapshots, m.presenceUpdates, m.replicaLookups, m.cpReachable, m.hellos, m.syncs,
 			m.admissions, m.revocations, m.forwarded, m.forwardFailures, m.tcpUnbound,
 			m.updateOffers, m.updateDownloads, m.updateBytes, m.updateReports)

@@ -43,7 +43,10 @@ type PublicLimits struct {
 	// raised to ResponseHeaderTimeout + 1s if below.
 	StreamIdleTimeout time.Duration
 	// TCPIdleTimeout closes a TCP lease connection with no byte either
-	// way for this long. Zero means never (an SSH session may sit idle).
+	// way for this long, whatever its service asks: it is a ceiling over
+	// the idle timeout an agent may ask per service (?idle=), and the
+	// timeout of services that ask none. Zero means no ceiling: only the
+	// services that ask are closed when idle (an SSH session may sit idle).
 	TCPIdleTimeout time.Duration
 	// H2MaxStreams caps the concurrent requests of one HTTP/2
 	// connection. Zero means 100.
@@ -247,18 +250,19 @@ func (s *Server) slowClient() { s.metrics.httpErrors.WithLabelValues("slow_clien
 // idleConn closes a connection with no byte either way for limit.
 type idleConn struct {
 	net.Conn
-	limit time.Duration
-	last  atomic.Int64 // unix nanoseconds of the last byte
-	timer *time.Timer
+	limit  time.Duration
+	onIdle func()       // called when the connection is closed for idleness; may be nil
+	last   atomic.Int64 // unix nanoseconds of the last byte
+	timer  *time.Timer
 }
 
 // closeIdle wraps c so that it is closed after limit without a byte
-// either way; limit <= 0 returns c.
-func closeIdle(c net.Conn, limit time.Duration) net.Conn {
+// either way, calling onIdle (if not nil) when it is; limit <= 0 returns c.
+func closeIdle(c net.Conn, limit time.Duration, onIdle func()) net.Conn {
 	if limit <= 0 {
 		return c
 	}
-	ic := &idleConn{Conn: c, limit: limit}
+	ic := &idleConn{Conn: c, limit: limit, onIdle: onIdle}
 	ic.last.Store(time.Now().UnixNano())
 	ic.timer = time.AfterFunc(limit, ic.check)
 	return ic
@@ -267,6 +271,9 @@ func closeIdle(c net.Conn, limit time.Duration) net.Conn {
 func (c *idleConn) check() {
 	idle := time.Duration(time.Now().UnixNano() - c.last.Load())
 	if idle >= c.limit {
+		if c.onIdle != nil {
+			c.onIdle()
+		}
 		c.Conn.Close()
 		return
 	}

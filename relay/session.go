@@ -51,6 +51,9 @@ type session struct {
 	gen            atomic.Uint64 // the control plane's generation; Sync may renumber it
 	heartbeat      time.Duration
 	leases         []controlplane.Lease // as first registered
+	// tcpIdle maps a tcp service to the idle timeout its agent asked
+	// for (setTCPIdle, at each registration).
+	tcpIdle atomic.Pointer[map[string]time.Duration]
 
 	out     chan outFrame  // control frames for sendLoop
 	writer  sync.WaitGroup // sendLoop
@@ -422,6 +425,7 @@ func (sess *session) register(ctx context.Context, reg *frames.Register) (*frame
 		}
 		out.Leases = append(out.Leases, fl)
 	}
+	sess.setTCPIdle(reg)
 	return out, leases, nil
 }
 

@@ -9,8 +9,10 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/splice"
 )
 
@@ -283,7 +285,7 @@ func (s *Server) serveTCP(port uint16, c net.Conn) {
 		}
 		// The client's bytes follow the stream header at once; the agent's
 		// answer is read before any byte goes back.
-		s.spliceTCP(c, st, sess.name, service)
+		s.spliceTCP(c, st, sess.name, service, shorterIdle(sess.idleFor(service), s.cfg.Public.TCPIdleTimeout))
 		return
 	}
 	rec, lease, ok := s.replica.ByPort(port)
@@ -311,13 +313,17 @@ func (s *Server) serveTCP(port uint16, c net.Conn) {
 		c.Close()
 		return
 	}
-	s.spliceTCP(c, st, rec.Name, lease.Service)
+	// The relay holding the session applies the service's own idle
+	// timeout, which only it knows (servePeer); this one, the relay's.
+	s.spliceTCP(c, st, rec.Name, lease.Service, s.cfg.Public.TCPIdleTimeout)
 }
 
 // spliceTCP copies a public connection and a stream to the device both
-// ways until both end.
-func (s *Server) spliceTCP(c, st net.Conn, device, service string) {
-	res := splice.Splice(&minRateConn{Conn: closeIdle(c, s.cfg.Public.TCPIdleTimeout), mr: s.newMinRate(), cut: s.slowClient}, st)
+// ways until both end;
+// idle closes the public connection after that long without a byte
+// either way (zero: never).
+func (s *Server) spliceTCP(c, st net.Conn, device, service string, idle time.Duration) {
+	res := splice.Splice(&minRateConn{Conn: s.closeIdleTCP(c, idle), mr: s.newMinRate(), cut: s.slowClient}, st)
 	s.metrics.bytes.WithLabelValues("to_device").Add(float64(res.AToB))
 	s.metrics.bytes.WithLabelValues("from_device").Add(float64(res.BToA))
 	var refused *RefusedError
@@ -336,4 +342,68 @@ func (s *Server) tcpClientSlot(c net.Conn, deviceID, deviceName string) (release
 		c.Close()
 	}
 	return release, ok
+}
+
+// Idle timeouts of TCP-lease connections. An agent may ask for one per
+// tcp service (frames.Service.IdleSeconds); the relay's own
+// (PublicLimits.TCPIdleTimeout) is a ceiling over every service, those
+// that ask none included. A connection is closed after the shorter of
+// the two without a byte either way; with neither, never.
+//
+// A connection forwarded from the relay the client reached to the relay
+// holding the device's session gets the service's timeout there, on the
+// peer stream (servePeer: closing it closes the client's connection), and
+// the ceiling of the relay the client reached, at the client.
+
+// tcpIdleFloor is the shortest idle timeout a service gets, in
+// nanoseconds: what an agent asks below it is raised to it. Tests lower it.
+var tcpIdleFloor atomic.Int64
+
+func init() { tcpIdleFloor.Store(int64(frames.MinIdleSeconds * time.Second)) }
+
+// setTCPIdle records the idle timeouts the agent asks for its tcp
+// services in reg, replacing those of its previous registration. A value
+// outside the protocol's bounds is clamped to them; an http service's
+// is ignored.
+func (sess *session) setTCPIdle(reg *frames.Register) {
+	idle := map[string]time.Duration{}
+	for _, svc := range reg.Services {
+		if d := clampIdle(svc.IdleSeconds); d > 0 && svc.Proto == "tcp" {
+			idle[svc.Name] = d
+		}
+	}
+	sess.tcpIdle.Store(&idle)
+}
+
+// idleFor is the idle timeout the agent asked for a service; zero if none.
+func (sess *session) idleFor(service string) time.Duration {
+	if idle := sess.tcpIdle.Load(); idle != nil {
+		return (*idle)[service]
+	}
+	return 0
+}
+
+// clampIdle is the idle timeout for a service that asks for seconds:
+// zero for none, else seconds within tcpIdleFloor..frames.MaxIdleSeconds.
+func clampIdle(seconds uint32) time.Duration {
+	if seconds == 0 {
+		return 0
+	}
+	d := time.Duration(min(seconds, frames.MaxIdleSeconds)) * time.Second
+	return max(d, time.Duration(tcpIdleFloor.Load()))
+}
+
+// shorterIdle is the shorter of two idle timeouts, zero meaning none.
+func shorterIdle(a, b time.Duration) time.Duration {
+	if a <= 0 || b > 0 && b < a {
+		return max(b, 0)
+	}
+	return a
+}
+
+// closeIdleTCP wraps a TCP-lease connection (a public client's, or the
+// peer stream of a forwarded one) so that it is closed, and counted,
+// after idle without a byte either way; zero means never.
+func (s *Server) closeIdleTCP(c net.Conn, idle time.Duration) net.Conn {
+	return closeIdle(c, idle, s.metrics.tcpIdleClosed.Inc)
 }

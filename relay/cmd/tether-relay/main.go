@@ -86,7 +86,7 @@ type spec struct {
 	PublicStreamIdleTimeout time.Duration `split_words:"true" default:"100s" desc:"connections to a device's HTTP service (WebSocket, streamed responses) with no byte either way for this long are closed"`
 	PublicResponseMinRate   int           `split_words:"true" default:"4096" desc:"public clients must take what the device sends at this many bytes/s (each write within 5s plus its length at this rate), else they are cut off so their stream does not hold the device's session up"`
 	PublicMaxPerClient      int           `split_words:"true" default:"64" desc:"connections one client address may hold to one device at once; beyond: 429, or the TCP connection is closed"`
-	TCPIdleTimeout          time.Duration `split_words:"true" desc:"TCP lease connections with no byte either way for this long are closed; empty: never"`
+	TCPIdleTimeout          time.Duration `split_words:"true" desc:"the longest a TCP lease connection may go with no byte either way, whatever its service asks (?idle= in the agent's TETHER_SERVICES; the shorter wins), and the timeout of services that ask none; empty: only services that ask are closed when idle"`
 
 	LogFormat string `split_words:"true" default:"auto" desc:"auto (text on a terminal, else json), text or json"`
 	LogLevel  string `split_words:"true" default:"info" desc:"debug, info, warn or error"`
