@@ -244,6 +244,18 @@ func (c *minRateConn) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// CloseWrite passes a half-close on (splice.Splice relies on it).
+func (c *minRateConn) CloseWrite() error { return closeWrite(c.Conn) }
+
+// closeWrite closes c's write half, or all of c if it has no such half
+// (the peer then sees its end of stream all the same).
+func closeWrite(c net.Conn) error {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Close()
+}
+
 // slowClient counts a public client cut off for reading too slowly.
 func (s *Server) slowClient() { s.metrics.httpErrors.WithLabelValues("slow_client").Inc() }
 
@@ -295,6 +307,9 @@ func (c *idleConn) Write(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// CloseWrite passes a half-close on; the timer goes on until Close.
+func (c *idleConn) CloseWrite() error { return closeWrite(c.Conn) }
 
 func (c *idleConn) Close() error {
 	c.timer.Stop()
