@@ -243,7 +243,7 @@ func (c *conn) handshake(ctx context.Context, id *identity) error {
 	}
 	reg := &frames.Register{}
 	for _, s := range c.a.cfg.Services {
-		reg.Services = append(reg.Services, frames.Service{Name: s.Name, Proto: s.Proto})
+		reg.Services = append(reg.Services, frames.Service{Name: s.Name, Proto: s.Proto, IdleSeconds: uint32(s.IdleTimeout / time.Second)})
 	}
 	if err := c.write(reg); err != nil {
 		return fmt.Errorf("send register: %w", err)

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +23,7 @@ import (
 
 func TestParseServices(t *testing.T) {
 	good, err := ParseServices("web=http://127.0.0.1:8080, ssh=tcp://127.0.0.1:22,")
-	if err != nil || len(good) != 2 || good[0] != (Service{"web", "http", "127.0.0.1:8080"}) || good[1].Proto != "tcp" {
+	if err != nil || len(good) != 2 || good[0] != (Service{Name: "web", Proto: "http", Addr: "127.0.0.1:8080"}) || good[1].Proto != "tcp" {
 		t.Fatalf("got %v %v", good, err)
 	}
 	bad := map[string]string{
@@ -34,6 +35,7 @@ func TestParseServices(t *testing.T) {
 		"web=http://127.0.0.1:80/path": "no path",
 		"web=http://127.0.0.1:80,web=tcp://[::1]:1": "twice",
 		"xn--web=http://127.0.0.1:80":               `"xn--web"`,
+		"web=http://127.0.0.1:80?x=1":               "?idle=DURATION",
 	}
 	for in, says := range bad {
 		if _, err := ParseServices(in); err == nil || !strings.Contains(err.Error(), says) {
@@ -44,6 +46,69 @@ func TestParseServices(t *testing.T) {
 	// the hostname it holds.
 	if legacy, err := ParseServices("my-web=http://127.0.0.1:80"); err != nil || legacy[0].Name != "my-web" {
 		t.Errorf("legacy name: %v %v", legacy, err)
+	}
+}
+
+// TestParseServiceIdle: a tcp service may ask for an idle timeout,
+// ?idle=DURATION, of whole seconds from 10s to 24h; anything else is
+// refused, naming the entry and what is wrong.
+func TestParseServiceIdle(t *testing.T) {
+	svcs, err := ParseServices("web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22?idle=10m,db=tcp://[::1]:5432?idle=10s,mq=tcp://127.0.0.1:1883?idle=24h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []time.Duration{0, 10 * time.Minute, 10 * time.Second, 24 * time.Hour} {
+		if svcs[i].IdleTimeout != want {
+			t.Errorf("%s: idle %v, want %v", svcs[i].Name, svcs[i].IdleTimeout, want)
+		}
+	}
+	if svcs[2].Addr != "[::1]:5432" {
+		t.Errorf("address %q", svcs[2].Addr)
+	}
+	bad := map[string]string{
+		"ssh=tcp://127.0.0.1:22?idle=0":          "outside 10s..24h0m0s",
+		"ssh=tcp://127.0.0.1:22?idle=0s":         "outside",
+		"ssh=tcp://127.0.0.1:22?idle=-5m":        "outside",
+		"ssh=tcp://127.0.0.1:22?idle=9s":         "outside",
+		"ssh=tcp://127.0.0.1:22?idle=25h":        "outside",
+		"ssh=tcp://127.0.0.1:22?idle=9999999h":   "want a duration",
+		"ssh=tcp://127.0.0.1:22?idle=10.5s":      "whole number of seconds",
+		"ssh=tcp://127.0.0.1:22?idle=ten":        "want a duration",
+		"ssh=tcp://127.0.0.1:22?idle=":           "want a duration",
+		"ssh=tcp://127.0.0.1:22?idle=600":        "want a duration",
+		"ssh=tcp://127.0.0.1:22?idle":            "want a duration",
+		"ssh=tcp://127.0.0.1:22?idle=1m&idle=2m": "the one option",
+		"ssh=tcp://127.0.0.1:22?timeout=1m":      "the one option",
+		"ssh=tcp://127.0.0.1:22?idle=1m#x":       "no path",
+		"web=http://127.0.0.1:80?idle=1m":        "tcp:// services only",
+	}
+	for in, says := range bad {
+		_, err := ParseServices(in)
+		if err == nil || !strings.Contains(err.Error(), says) || !strings.Contains(err.Error(), strings.Split(in, "=")[0]) {
+			t.Errorf("ParseServices(%q) = %v, want an error naming the service and saying %s", in, err, says)
+		}
+	}
+
+	// The agent tells the relay, in seconds.
+	f := newFakeRelay(t)
+	runAgent(t, f, svcs...)
+	want := []frames.Service{{Name: "web", Proto: "http"}, {Name: "ssh", Proto: "tcp", IdleSeconds: 600},
+		{Name: "db", Proto: "tcp", IdleSeconds: 10}, {Name: "mq", Proto: "tcp", IdleSeconds: 86400}}
+	if got := f.next(t, 10*time.Second).reg.Services; !slices.Equal(got, want) {
+		t.Errorf("registered %+v, want %+v", got, want)
+	}
+
+	// A Config built in code is held to the same bounds.
+	for _, svc := range []Service{
+		{Name: "ssh", Proto: "tcp", Addr: "127.0.0.1:22", IdleTimeout: time.Second},
+		{Name: "ssh", Proto: "tcp", Addr: "127.0.0.1:22", IdleTimeout: -time.Minute},
+		{Name: "ssh", Proto: "tcp", Addr: "127.0.0.1:22", IdleTimeout: 15500 * time.Millisecond},
+		{Name: "web", Proto: "http", Addr: "127.0.0.1:80", IdleTimeout: time.Minute},
+	} {
+		c := Config{RelayURLs: []string{"wss://relay.example.com"}, StateDir: t.TempDir(), Services: []Service{svc}}
+		if err := c.setDefaults(); err == nil || !strings.Contains(err.Error(), "service "+svc.Name) {
+			t.Errorf("Config with %+v: %v, want an error naming the service", svc, err)
+		}
 	}
 }
 
@@ -88,6 +153,7 @@ type fakeRelay struct {
 type fakeSession struct {
 	mux  *smux.Session
 	ctrl *smux.Stream
+	reg  *frames.Register // the agent's registration
 }
 
 // newFakeRelay starts a fake relay with httptest's certificate, or with
@@ -115,9 +181,10 @@ func newFakeRelay(t *testing.T, cert ...*tls.Certificate) *fakeRelay {
 		frames.Read(ctrl, 0) // auth: not checked here
 		wsmux.Config{}.Trust(m)
 		frames.Write(ctrl, &frames.Welcome{DeviceID: frames.DeviceID(hello.(*frames.Hello).PublicKey[:]), DeviceName: "dev", Generation: 1})
-		frames.Read(ctrl, 0) // register
+		m1, _ := frames.Read(ctrl, 0)
+		reg, _ := m1.(*frames.Register)
 		frames.Write(ctrl, &frames.Leases{})
-		f.sessions <- &fakeSession{mux: m, ctrl: ctrl}
+		f.sessions <- &fakeSession{mux: m, ctrl: ctrl, reg: reg}
 		<-m.CloseChan()
 	})
 	f.srv = httptest.NewUnstartedServer(mux)
@@ -182,7 +249,7 @@ func TestOnlyRegisteredServicesAreDialled(t *testing.T) {
 	down, _ := net.Listen("tcp", "127.0.0.1:0")
 	downAddr := down.Addr().String()
 	down.Close()
-	runAgent(t, f, Service{"web", "http", up.Addr().String()}, Service{"db", "tcp", downAddr})
+	runAgent(t, f, Service{Name: "web", Proto: "http", Addr: up.Addr().String()}, Service{Name: "db", Proto: "tcp", Addr: downAddr})
 	s := f.next(t, 10*time.Second)
 
 	open := func(service string) (frames.Message, *smux.Stream) {
@@ -215,7 +282,7 @@ func TestOnlyRegisteredServicesAreDialled(t *testing.T) {
 }
 
 func TestNotEnrolledWithoutToken(t *testing.T) {
-	a, err := New(Config{RelayURLs: []string{"wss://127.0.0.1:1"}, StateDir: t.TempDir(), Services: []Service{{"web", "http", "127.0.0.1:1"}}})
+	a, err := New(Config{RelayURLs: []string{"wss://127.0.0.1:1"}, StateDir: t.TempDir(), Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}})
 	if err != nil {
 		t.Fatal(err)
 	}

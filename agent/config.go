@@ -91,10 +91,22 @@ type Service struct {
 	Name  string // DNS-safe name, e.g. "web"
 	Proto string // "http" or "tcp"
 	Addr  string // local host:port, e.g. "127.0.0.1:8080"
+	// IdleTimeout asks the relay to close a public connection to a tcp
+	// service after this long without a byte either way: whole seconds,
+	// MinIdleTimeout..MaxIdleTimeout. Zero means none asked (the relay's
+	// own TETHER_TCP_IDLE_TIMEOUT applies, by default never).
+	IdleTimeout time.Duration
 }
 
+// The bounds of Service.IdleTimeout, as the protocol has them.
+const (
+	MinIdleTimeout = frames.MinIdleSeconds * time.Second
+	MaxIdleTimeout = frames.MaxIdleSeconds * time.Second
+)
+
 // ParseServices parses "web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22".
-// An error names the entry that does not parse.
+// A tcp service may take an idle timeout, "ssh=tcp://127.0.0.1:22?idle=10m"
+// (see Service.IdleTimeout). An error names the entry that does not parse.
 func ParseServices(s string) ([]Service, error) {
 	var out []Service
 	seen := map[string]bool{}
@@ -137,14 +149,50 @@ func parseService(entry string) (Service, error) {
 	if u.Scheme != "http" && u.Scheme != "tcp" {
 		return Service{}, fmt.Errorf("protocol %q: want http:// or tcp://", u.Scheme)
 	}
-	if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.User != nil {
-		return Service{}, errors.New("want only PROTO://HOST:PORT, no path, query or user")
+	if u.Path != "" && u.Path != "/" || u.User != nil || u.Fragment != "" {
+		return Service{}, errors.New("want only PROTO://HOST:PORT[?idle=DURATION], no path or user")
 	}
 	host, port, err := net.SplitHostPort(u.Host)
 	if err != nil || host == "" || port == "" {
 		return Service{}, fmt.Errorf("address %q: want HOST:PORT", u.Host)
 	}
-	return Service{Name: name, Proto: u.Scheme, Addr: u.Host}, nil
+	svc := Service{Name: name, Proto: u.Scheme, Addr: u.Host}
+	if u.RawQuery != "" {
+		if svc.IdleTimeout, err = parseIdle(u.Scheme, u.RawQuery); err != nil {
+			return Service{}, err
+		}
+	}
+	return svc, nil
+}
+
+// parseIdle parses a service's options, "idle=DURATION", the one there is.
+func parseIdle(proto, query string) (time.Duration, error) {
+	key, val, _ := strings.Cut(query, "=")
+	if key != "idle" || strings.ContainsAny(val, "&;=") {
+		return 0, fmt.Errorf("option %q: the one option is ?idle=DURATION (tcp:// only)", query)
+	}
+	if proto != "tcp" {
+		return 0, errors.New("?idle= applies to tcp:// services only (the relay bounds HTTP connections itself)")
+	}
+	d, err := time.ParseDuration(val)
+	if err != nil {
+		return 0, fmt.Errorf("idle %q: want a duration such as 90s, 10m, 2h", val)
+	}
+	if err := checkIdle(d); err != nil {
+		return 0, fmt.Errorf("idle %q: %w", val, err)
+	}
+	return d, nil
+}
+
+// checkIdle checks a service's idle timeout other than zero.
+func checkIdle(d time.Duration) error {
+	if d < MinIdleTimeout || d > MaxIdleTimeout {
+		return fmt.Errorf("%v is outside %v..%v (leave idle out never to close an idle connection)", d, MinIdleTimeout, MaxIdleTimeout)
+	}
+	if d%time.Second != 0 {
+		return fmt.Errorf("%v is not a whole number of seconds", d)
+	}
+	return nil
 }
 
 // DefaultDeviceName makes the hostname a DNS-safe device name.
@@ -189,6 +237,17 @@ func (c *Config) setDefaults() error {
 	}
 	if len(c.Services) == 0 {
 		return errors.New("agent: no services (TETHER_SERVICES)")
+	}
+	for _, svc := range c.Services {
+		if svc.IdleTimeout == 0 {
+			continue
+		}
+		if svc.Proto != "tcp" {
+			return fmt.Errorf("agent: service %s: an idle timeout applies to tcp services only", svc.Name)
+		}
+		if err := checkIdle(svc.IdleTimeout); err != nil {
+			return fmt.Errorf("agent: service %s: idle timeout %w", svc.Name, err)
+		}
 	}
 	if c.HeartbeatInterval == 0 {
 		c.HeartbeatInterval = 15 * time.Second

@@ -82,7 +82,7 @@ func TestSessionRedirectNotFollowed(t *testing.T) {
 
 func TestConfigRefusesInsecureAndBadHeartbeats(t *testing.T) {
 	base := func() Config {
-		return Config{RelayURLs: []string{"wss://relay.test"}, StateDir: t.TempDir(), Services: []Service{{"web", "http", "127.0.0.1:1"}}}
+		return Config{RelayURLs: []string{"wss://relay.test"}, StateDir: t.TempDir(), Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}}
 	}
 	c := base()
 	c.RelayURLs = []string{"ws://relay.test"}
@@ -108,7 +108,7 @@ func TestConfigRefusesInsecureAndBadHeartbeats(t *testing.T) {
 // no relay would give that name a lease.
 func TestLegacyServiceNameNeverEnrolls(t *testing.T) {
 	a, err := New(Config{RelayURLs: []string{"wss://relay.test"}, StateDir: t.TempDir(), EnrollToken: "tth_x",
-		Services: []Service{{"my-web", "http", "127.0.0.1:1"}}, HeartbeatInterval: time.Second})
+		Services: []Service{{Name: "my-web", Proto: "http", Addr: "127.0.0.1:1"}}, HeartbeatInterval: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

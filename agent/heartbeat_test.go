@@ -50,7 +50,7 @@ func newPipeSession(t *testing.T, a *Agent) *pipeSession {
 func newTestAgent(t *testing.T, heartbeat time.Duration) *Agent {
 	t.Helper()
 	a, err := New(Config{RelayURLs: []string{"wss://relay.test"}, StateDir: t.TempDir(),
-		Services: []Service{{"web", "http", "127.0.0.1:1"}}, HeartbeatInterval: heartbeat})
+		Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}, HeartbeatInterval: heartbeat})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +139,7 @@ func TestReconnectBackoff(t *testing.T) {
 		}
 		var dials []time.Time
 		a, err := New(Config{RelayURLs: []string{"wss://relay.test"}, StateDir: dir,
-			Services: []Service{{"web", "http", "127.0.0.1:1"}}, BackoffMax: 30 * time.Second,
+			Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}, BackoffMax: 30 * time.Second,
 			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 				dials = append(dials, time.Now())
 				return nil, errors.New("network unreachable")

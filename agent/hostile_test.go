@@ -78,7 +78,7 @@ func (s *rawServer) serve(c net.Conn) {
 // ws:// (the hostile bytes are what it reads, not TLS records).
 func hostileAgent(tb testing.TB, addr string) *Agent {
 	a, err := New(Config{RelayURLs: []string{"ws://relay.test"}, Insecure: true, StateDir: tb.TempDir(),
-		Services: []Service{{"web", "http", "127.0.0.1:1"}}, HeartbeatInterval: time.Second,
+		Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}, HeartbeatInterval: time.Second,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, network, addr)
 		}})
@@ -341,7 +341,7 @@ func FuzzHostileSession(f *testing.F) {
 // heartbeat a second (the shortest), no relay of its own.
 func newHostileSessionAgent(tb testing.TB) *Agent {
 	a, err := New(Config{RelayURLs: []string{"wss://relay.test"}, StateDir: tb.TempDir(),
-		Services: []Service{{"web", "http", "127.0.0.1:1"}}, HeartbeatInterval: time.Second})
+		Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}, HeartbeatInterval: time.Second})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -117,7 +117,7 @@ func TestProxyChild(t *testing.T) {
 	dialer := &net.Dialer{}
 	a, err := New(Config{
 		RelayURLs: []string{url}, EnrollToken: "tth_x", StateDir: t.TempDir(), DeviceName: "dev",
-		Services: []Service{{"web", "http", "127.0.0.1:1"}}, RootCAs: roots,
+		Services: []Service{{Name: "web", Proto: "http", Addr: "127.0.0.1:1"}}, RootCAs: roots,
 		Proxy: http.ProxyFromEnvironment, // as tether-agent's main wires it
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			if host, _, _ := net.SplitHostPort(addr); fake[host] {

@@ -57,7 +57,7 @@ type spec struct {
 	EnrollTokenFile   string        `split_words:"true" desc:"file holding the enrollment token"`
 	StateDir          string        `split_words:"true" desc:"device key and enrollment record; empty: /var/lib/tether-agent as root, else ~/.local/state/tether-agent"`
 	DeviceName        string        `split_words:"true" desc:"requested device name; empty: the hostname (suffixed on a clash)"`
-	Services          string        `split_words:"true" required:"true" desc:"web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22"`
+	Services          string        `split_words:"true" required:"true" desc:"web=http://127.0.0.1:8080,ssh=tcp://127.0.0.1:22; a tcp service may add ?idle=10m (10s..24h): the relay closes its public connections after that long without a byte"`
 	RelayCA           string        `split_words:"true" desc:"PEM file of the CA to trust for the relay (self-hosted/dev); empty: system roots"`
 	HeartbeatInterval time.Duration `split_words:"true" default:"15s" desc:"heartbeat period; the relay is declared dead after 3 silent intervals"`
 	Insecure          bool          `split_words:"true" desc:"allow ws:// relay URLs (no TLS; the enrollment token travels in cleartext): closed test networks only"`
