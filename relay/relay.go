@@ -112,6 +112,11 @@ type Config struct {
 	// (admission.go).
 	// Zero means 256.
 	MaxHandshakes int
+	// MaxHandshakesPerClient caps the handshake slots one client address
+	// (IPv6: one /64) holds at once; its connections beyond wait for one of
+	// its own slots, within the same queue and time, then get 429
+	// (admission.go). Zero means MaxHandshakes/4 (64 of 256), at least 1.
+	MaxHandshakesPerClient int
 	// Public bounds public clients: timeouts, sizes, per-client caps
 	// (public.go).
 	Public PublicLimits
@@ -226,6 +231,7 @@ func New(cfg Config) (*Server, error) {
 	cfg.HeartbeatMin = cmp.Or(cfg.HeartbeatMin, 5*time.Second)
 	cfg.HeartbeatMax = max(cmp.Or(cfg.HeartbeatMax, 60*time.Second), cfg.HeartbeatMin)
 	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 256)
+	cfg.MaxHandshakesPerClient = min(cmp.Or(max(cfg.MaxHandshakesPerClient, 0), max(cfg.MaxHandshakes/4, 1)), cfg.MaxHandshakes)
 	cfg.Public = cfg.Public.withDefaults()
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
 	cfg.HelloInterval = cmp.Or(cfg.HelloInterval, controlplane.HelloInterval)
@@ -236,7 +242,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, cp: cfg.ControlPlane, replica: cfg.Replica, metrics: newMetrics(cfg.Registerer),
 		events: make(chan controlplane.DeviceEvent, eventQueueLen), resync: make(chan struct{}, 1),
-		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes, cfg.HandshakeTimeout), probe: newPortProbe(cfg.TCPPorts),
+		forwarders: map[string]*serviceProxy{}, gate: newGate(cfg.MaxHandshakes, cfg.MaxHandshakesPerClient, cfg.HandshakeTimeout), probe: newPortProbe(cfg.TCPPorts),
 		clients: newClientCaps(cfg.Public.MaxStreamsPerClient)}
 	var err error
 	if s.peer, err = s.newPeerTransport(); err != nil {

@@ -79,6 +79,8 @@ type spec struct {
 	HeartbeatMax     time.Duration `split_words:"true" default:"60s" desc:"see HEARTBEAT_MIN"`
 	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 10s, then get 503"`
 
+	MaxHandshakesPerClient int `split_words:"true" desc:"of those, how many one client address (IPv6: one /64) may hold; its others wait up to 10s for one of its own, then get 429; empty: a quarter of MAX_HANDSHAKES (64)"`
+
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
 	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`
 	PublicBodyMinRate       int           `split_words:"true" default:"1024" desc:"public request bodies arriving slower than this (bytes/s on average, after 10s) are cut off"`
@@ -205,7 +207,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
-		MaxHandshakes: s.MaxHandshakes, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax, TCPPorts: ports,
+		MaxHandshakes: s.MaxHandshakes, MaxHandshakesPerClient: s.MaxHandshakesPerClient, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax, TCPPorts: ports,
 		Public: relay.PublicLimits{
 			HeaderTimeout: s.PublicHeaderTimeout, IdleTimeout: s.PublicIdleTimeout, BodyMinRate: s.PublicBodyMinRate,
 			ResponseHeaderTimeout: s.PublicResponseTimeout, StreamIdleTimeout: s.PublicStreamIdleTimeout,

@@ -37,6 +37,8 @@ func TestPreAuthMemory(t *testing.T) {
 		"TETHER_DATA_DIR=" + data, "TETHER_HTTPS_ADDR=" + addr["https"], "TETHER_HTTP_ADDR=" + addr["http"],
 		"TETHER_OPS_ADDR=" + addr["ops"], "TETHER_ADMIN_ADDR=" + addr["admin"], "TETHER_TCP_HOST=127.0.0.1",
 		"TETHER_TCP_PORTS=" + relaytest.FreePortRange(t, 2).String(), "TETHER_LOG_LEVEL=warn",
+		// Every held connection gets a slot, however many come from one address.
+		"TETHER_MAX_HANDSHAKES_PER_CLIENT=256",
 	}})
 	waitHTTP(t, "http://"+addr["ops"]+"/readyz", 200, relay)
 	ca, err := os.ReadFile(filepath.Join(data, "ca.pem"))
