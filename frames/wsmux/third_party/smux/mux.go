@@ -60,7 +60,10 @@ type Config struct {
 	// InitialReceiveBuffer, when positive and below MaxReceiveBuffer, is
 	// the receive buffer a session starts with; GrowReceiveBuffer raises
 	// it later (Tether patch 7: a relay buffers little for a peer that has
-	// not authenticated yet).
+	// not authenticated yet). Until GrowReceiveBuffer is called the peer is
+	// also untrusted (Tether patch 8): it may open one stream, and a data
+	// frame longer than InitialReceiveBuffer, or a second stream, ends the
+	// session with ErrUntrustedPeer.
 	InitialReceiveBuffer int
 }
 

@@ -34,9 +34,10 @@ import (
 )
 
 const (
-	defaultAcceptBacklog = 256 // TETHER PATCH: was 1024 (see PATCH.md)
+	defaultAcceptBacklog = 64 // TETHER PATCH: was 1024 (see PATCH.md)
 	minShaperNotifySize  = 16
 	maxShaperSize        = 128              // TETHER PATCH: was 1024; 57 KB per session (see PATCH.md)
+	shaperChanSize       = 16               // TETHER PATCH: was maxShaperSize; 7 KB per session (see PATCH.md)
 	openCloseTimeout     = 30 * time.Second // Timeout for opening/closing streams
 )
 
@@ -66,6 +67,9 @@ var (
 	ErrGoAway                    = errors.New("stream id overflows, should start a new connection")
 	ErrTimeout         net.Error = &timeoutError{}
 	ErrWouldBlock                = errors.New("operation would block on IO")
+	// TETHER PATCH (8): an untrusted peer opened a second stream or sent
+	// a frame longer than InitialReceiveBuffer.
+	ErrUntrustedPeer = errors.New("smux: peer exceeded what an untrusted peer may send")
 )
 
 // writeRequest represents a request to write a frame
@@ -93,6 +97,11 @@ type Session struct {
 
 	bucket       int32         // token bucket
 	bucketNotify chan struct{} // used for waiting for tokens
+
+	// TETHER PATCH (8): until GrowReceiveBuffer, the peer is untrusted: it
+	// may open one stream and send frames of at most InitialReceiveBuffer.
+	untrusted   int32 // atomic
+	peerStreams int   // streams the peer opened while untrusted (recvLoop only)
 
 	streams    map[uint32]*stream // all streams in this session
 	streamLock sync.Mutex         // locks streams
@@ -136,9 +145,10 @@ func newSession(config *Config, conn io.ReadWriteCloser, client bool) *Session {
 	s.bucket = int32(config.MaxReceiveBuffer)
 	if config.InitialReceiveBuffer > 0 && config.InitialReceiveBuffer < config.MaxReceiveBuffer {
 		s.bucket = int32(config.InitialReceiveBuffer)
+		s.untrusted = 1 // TETHER PATCH (8)
 	}
 	s.bucketNotify = make(chan struct{}, 1)
-	s.shaper = make(chan writeRequest, maxShaperSize)
+	s.shaper = make(chan writeRequest, shaperChanSize) // TETHER PATCH (2): shaperLoop queues up to maxShaperSize in s.sq
 	s.chSocketReadError = make(chan struct{})
 	s.chSocketWriteError = make(chan struct{})
 	s.chProtoError = make(chan struct{})
@@ -293,6 +303,7 @@ func (s *Session) CloseChan() <-chan struct{} {
 // GrowReceiveBuffer adds n bytes to the session's receive buffer, up to
 // what MaxReceiveBuffer allows beyond InitialReceiveBuffer (Tether patch 7).
 func (s *Session) GrowReceiveBuffer(n int) {
+	atomic.StoreInt32(&s.untrusted, 0) // TETHER PATCH (8): the peer is trusted now
 	if n <= 0 {
 		return
 	}
@@ -446,6 +457,13 @@ func (s *Session) recvLoop() {
 				s.notifyProtoError(ErrInvalidProtocol)
 				return
 			}
+			// TETHER PATCH (8): an untrusted peer opens one stream.
+			if atomic.LoadInt32(&s.untrusted) == 1 {
+				if s.peerStreams++; s.peerStreams > 1 {
+					s.notifyProtoError(ErrUntrustedPeer)
+					return
+				}
+			}
 			var accepted *stream
 			s.streamLock.Lock()
 			if _, ok := s.streams[sid]; !ok {
@@ -477,6 +495,11 @@ func (s *Session) recvLoop() {
 		case cmdPSH: // data frame
 			if hdr.Length() == 0 {
 				continue
+			}
+			// TETHER PATCH (8): an untrusted peer's frames fit its buffer.
+			if atomic.LoadInt32(&s.untrusted) == 1 && int(hdr.Length()) > s.config.InitialReceiveBuffer {
+				s.notifyProtoError(ErrUntrustedPeer)
+				return
 			}
 
 			// read payload from the underlying connection

@@ -1,12 +1,13 @@
 //go:debug asynctimerchan=0
 
-// TETHER PATCH: regression test for the initial receive buffer (see
-// PATCH.md, 7). Not part of upstream smux.
+// TETHER PATCH: regression tests for the initial receive buffer and the
+// untrusted peer (see PATCH.md, 7 and 8). Not part of upstream smux.
 
 package smux
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -39,6 +40,7 @@ func TestInitialReceiveBuffer(t *testing.T) {
 				cfg := DefaultConfig()
 				cfg.Version, cfg.KeepAliveDisabled = v, true
 				cfg.MaxReceiveBuffer, cfg.MaxStreamBuffer = 4<<20, 512<<10
+				cfg.MaxFrameSize = initial // an untrusted peer's frames fit the buffer (patch 8)
 				scfg := *cfg
 				scfg.InitialReceiveBuffer = initial
 				a, b := net.Pipe()
@@ -79,5 +81,85 @@ func TestInitialReceiveBuffer(t *testing.T) {
 				}
 			})
 		})
+	}
+}
+
+// TestUntrustedPeer: until GrowReceiveBuffer, a peer that opens a second
+// stream or sends a frame longer than the initial buffer ends the session
+// with ErrUntrustedPeer; one stream of small frames is served, and after
+// GrowReceiveBuffer both are allowed.
+func TestUntrustedPeer(t *testing.T) {
+	const initial = 4 << 10
+	for _, v := range []int{1, 2} {
+		for _, tc := range []struct {
+			name        string
+			trusted     bool
+			streams     int
+			frame, data int
+			wantErr     error
+		}{
+			{"one stream, small frames", false, 1, initial, 64 << 10, nil},
+			{"a second stream", false, 2, initial, 1, ErrUntrustedPeer},
+			{"a long frame", false, 1, initial + 1, initial + 1, ErrUntrustedPeer},
+			{"trusted: streams and long frames", true, 3, 32 << 10, 64 << 10, nil},
+		} {
+			t.Run(fmt.Sprintf("v%d/%s", v, tc.name), func(t *testing.T) {
+				synctest.Test(t, func(t *testing.T) {
+					cfg := DefaultConfig()
+					cfg.Version, cfg.KeepAliveDisabled = v, true
+					cfg.MaxReceiveBuffer, cfg.MaxStreamBuffer = 4<<20, 512<<10
+					scfg := *cfg
+					scfg.InitialReceiveBuffer = initial
+					cfg.MaxFrameSize = tc.frame
+					a, b := net.Pipe()
+					server, err := Server(a, &scfg)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer server.Close()
+					if tc.trusted {
+						server.GrowReceiveBuffer(scfg.MaxReceiveBuffer - initial)
+					}
+					client, err := Client(b, cfg)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer client.Close()
+					data := bytes.Repeat([]byte("x"), tc.data)
+					for i := 0; i < tc.streams; i++ {
+						st, err := client.OpenStream()
+						if err != nil {
+							t.Fatal(err)
+						}
+						go func() {
+							st.Write(data)
+							st.Close()
+						}()
+					}
+					// The error may come on an accept or a read, whichever
+					// the offending frame reaches first.
+					for i := 0; i < tc.streams; i++ {
+						got, err := server.AcceptStream()
+						if err != nil {
+							if tc.wantErr != nil && errors.Is(err, tc.wantErr) {
+								return
+							}
+							t.Fatalf("accept stream %d: %v", i, err)
+						}
+						defer got.Close()
+						all, err := io.ReadAll(got)
+						if tc.wantErr != nil && errors.Is(err, tc.wantErr) {
+							return
+						}
+						if err != nil && err != io.EOF || len(all) != tc.data {
+							t.Fatalf("stream %d: read %d of %d bytes: %v", i, len(all), tc.data, err)
+						}
+					}
+					if tc.wantErr != nil {
+						t.Fatalf("the untrusted peer was served; want %v", tc.wantErr)
+					}
+				})
+			})
+		}
 	}
 }
