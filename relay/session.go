@@ -55,9 +55,10 @@ type session struct {
 	// for (setTCPIdle, at each registration).
 	tcpIdle atomic.Pointer[map[string]time.Duration]
 
-	out     chan outFrame  // control frames for sendLoop
-	writer  sync.WaitGroup // sendLoop
-	streams chan struct{}  // one token per open data stream
+	out        chan outFrame  // control frames for sendLoop
+	writer     sync.WaitGroup // sendLoop
+	writerOnce sync.Once      // startWriter
+	streams    chan struct{}  // one token per open data stream
 
 	pmu     sync.Mutex
 	proxies map[string]*serviceProxy // service → its HTTP proxy, built on first use
@@ -137,29 +138,38 @@ type outFrame struct {
 	last bool // the writer closes the session once m is written
 }
 
-// serveAgent runs one agent session for as long as it lives. The session's
-// WebSocket is bound to r's context, so this handler returns only when the
-// session is over.
+// serveAgent upgrades an agent's request to a session and serves the
+// session from a goroutine of its own, for as long as it lives. The
+// handler returns at once: the goroutine that read the request, its stack
+// grown by the TLS handshake (about 15 KiB), and the request are freed,
+// which is a third of what an agent's connection costs the relay before
+// its key is verified.
 func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 	done, ok := s.track()
 	if !ok {
 		http.Error(w, "tether: relay is draining; connect to another relay", http.StatusServiceUnavailable)
 		return
 	}
-	defer done()
 	release, ok := s.admitHandshake(w, r)
 	if !ok {
+		done()
 		return
 	}
-	defer release()
 	mux, err := wsserver.Accept(w, r, s.cfg.Mux)
 	if err != nil {
+		release()
+		done()
 		s.metrics.handshakes.WithLabelValues("protocol").Inc()
 		s.log.Debug("agent upgrade refused", "remote", r.RemoteAddr, "err", err)
 		s.limits.upgradeRefusals.note(r.RemoteAddr, "agent upgrades refused", "err", err) // one line per 10s (ratelimit.go)
 		return
 	}
-	s.runSession(r.Context(), mux, r.RemoteAddr, release)
+	ctx, remote := context.WithoutCancel(r.Context()), r.RemoteAddr
+	go func() {
+		defer done()
+		defer release()
+		s.runSession(ctx, mux, remote, release)
+	}()
 }
 
 // runSession serves one agent's smux session until it ends: handshake,
@@ -190,7 +200,6 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 		sess.end(err)
 		return
 	}
-	s.cfg.Mux.Trust(mux) // the key is verified: the session gets its whole window
 	s.metrics.handshakes.WithLabelValues("ok").Inc()
 	s.metrics.sessions.Inc()
 	// Routable before the agent learns its names: a request made the moment
@@ -302,9 +311,11 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	}
 	sess.mux.SetDeadline(time.Time{})
 	sess.ctrl = ctrl
-	sess.writer.Go(sess.sendLoop)
 	ctrl.SetReadDeadline(deadline)
-	hello, err := frames.ReadAs[*frames.Hello](ctrl, 0)
+	// Until the key is verified, the session costs the relay as little as
+	// it can: a small window (wsmux.Config.PreAuthWindow), small frames, no
+	// writer goroutine (the challenge is written here).
+	hello, err := frames.ReadAs[*frames.Hello](ctrl, frames.MaxPreAuthPayload)
 	if err != nil {
 		return nil, refuse(frames.CodeBadRequest, "expected hello: "+err.Error())
 	}
@@ -318,8 +329,10 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 	}
 	ch := &frames.Challenge{RelayID: s.cfg.RelayID}
 	rand.Read(ch.Nonce[:])
-	sess.send(ch)
-	auth, err := frames.ReadAs[*frames.Auth](ctrl, 0)
+	if err := frames.WriteTimeout(ctrl, ch, writeTimeout); err != nil {
+		return nil, fmt.Errorf("write challenge: %w", err)
+	}
+	auth, err := frames.ReadAs[*frames.Auth](ctrl, frames.MaxPreAuthPayload)
 	if err != nil {
 		return nil, refuse(frames.CodeBadRequest, "expected auth: "+err.Error())
 	}
@@ -348,6 +361,8 @@ func (sess *session) handshake(ctx context.Context) (*frames.Leases, error) {
 		return nil, refuse(frames.CodeRevoked, "device "+cr.Name+" was revoked")
 	}
 	sess.log = sess.log.With("device", cr.Name, "device_id", cr.DeviceID)
+	s.cfg.Mux.Trust(sess.mux) // the key is verified: the session gets its whole window
+	sess.startWriter()
 	sess.send(&frames.Welcome{DeviceID: cr.DeviceID, DeviceName: cr.Name, Generation: cr.Generation,
 		HeartbeatMillis: uint32(sess.heartbeat / time.Millisecond)})
 	reg, err := frames.ReadAs[*frames.Register](ctrl, 0)
@@ -511,6 +526,12 @@ func (sess *session) enqueue(f outFrame) {
 	}
 }
 
+// startWriter starts sendLoop, once: after the handshake wrote the
+// challenge itself, when the agent is authenticated or refused.
+func (sess *session) startWriter() {
+	sess.writerOnce.Do(func() { sess.writer.Go(sess.sendLoop) })
+}
+
 // sendLoop is the control stream's one writer: it writes the queued frames
 // in order, each under writeTimeout, until the session closes or a frame
 // marked last is written. A failed write closes the session.
@@ -539,6 +560,7 @@ func (sess *session) sendLoop() {
 func (sess *session) end(err error) {
 	var se *sessionError
 	if errors.As(err, &se) && sess.ctrl != nil {
+		sess.startWriter() // a handshake refused before the key was verified has none yet
 		sess.fail(se.code, se.msg)
 	} else {
 		sess.close()

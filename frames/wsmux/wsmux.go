@@ -39,8 +39,10 @@ type Config struct {
 	SessionWindow int
 	// PreAuthWindow bounds the bytes a server session buffers before Trust
 	// is called on it (its peer authenticated): an unauthenticated client
-	// can make the relay hold no more than this and one frame. Zero means
-	// 16 KiB.
+	// can make the relay hold no more than this and one frame of at most
+	// this, on the one stream it may open (smux patch 8: more streams or a
+	// longer frame end the session). Zero means 4 KiB; it must exceed
+	// frames.MaxPreAuthPayload and a frame header.
 	PreAuthWindow int
 }
 
@@ -70,12 +72,15 @@ func (c Config) Trust(s *smux.Session) {
 	s.GrowReceiveBuffer(sc.MaxReceiveBuffer - min(c.preAuthWindow(), sc.MaxReceiveBuffer))
 }
 
-func (c Config) preAuthWindow() int { return cmp.Or(max(c.PreAuthWindow, 0), 16<<10) }
+func (c Config) preAuthWindow() int { return cmp.Or(max(c.PreAuthWindow, 0), 4<<10) }
 
 // Verify checks the configuration once, at startup.
 func (c Config) Verify() error {
 	if err := smux.VerifyConfig(c.Smux()); err != nil {
 		return fmt.Errorf("smux config: %w", err)
+	}
+	if w := c.preAuthWindow(); w < frames.HeaderLen+frames.MaxPreAuthPayload {
+		return fmt.Errorf("smux config: pre-auth window %d bytes is below the %d an agent's hello takes", w, frames.HeaderLen+frames.MaxPreAuthPayload)
 	}
 	return nil
 }

@@ -4,7 +4,11 @@
 package wsserver
 
 import (
+	"bufio"
+	"bytes"
+	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -16,8 +20,9 @@ import (
 )
 
 // Accept upgrades r to a WebSocket and starts an smux server session over
-// it. The session lives while r's context does, so the handler must not
-// return before it is done with the session. A client that does not offer
+// it. The session keeps r's context values but not its cancellation: it
+// lives until it is closed, and the handler may return and serve it from
+// another goroutine. A client that does not offer
 // the protocol's subprotocol gets 426 and no upgrade.
 //
 // The session buffers only mux.PreAuthWindow until mux.Trust is called on
@@ -30,7 +35,7 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 		http.Error(w, "tether: this relay speaks "+frames.Subprotocol+"; upgrade the agent", http.StatusUpgradeRequired)
 		return nil, wsmux.ErrProtocol
 	}
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	c, err := websocket.Accept(smallBuffers{w}, r, &websocket.AcceptOptions{
 		Subprotocols:       []string{frames.Subprotocol},
 		CompressionMode:    websocket.CompressionDisabled,
 		InsecureSkipVerify: true, // agents are not browsers; they authenticate with their key
@@ -38,13 +43,58 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 	if err != nil {
 		return nil, fmt.Errorf("websocket accept: %w", err)
 	}
-	nc := wsmux.NetConn(r.Context(), c, true)
+	nc := wsmux.NetConn(context.WithoutCancel(r.Context()), c, true)
 	s, err := smux.Server(nc, mux.ServerSmux()) // small window until the relay calls mux.Trust
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("start smux server: %w", err)
 	}
 	return s, nil
+}
+
+// ioBuffer is the size of an agent connection's read and write buffers,
+// in place of net/http's 4 KiB each, which are a third of what an
+// unauthenticated connection costs the relay. coder/websocket reads frame
+// headers through the reader and payloads of this size or more straight
+// into the caller's buffer; smaller reads copy from crypto/tls's
+// decrypted record (no system call). A frame written of more than this
+// goes out as two TLS writes instead of one, as frames of more than 4 KiB
+// always did.
+const ioBuffer = 512
+
+// smallBuffers hands coder/websocket the hijacked connection with
+// ioBuffer-sized buffers.
+type smallBuffers struct{ http.ResponseWriter }
+
+func (w smallBuffers) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	if n := brw.Reader.Buffered(); n > 0 { // an eager client's first frames
+		b, _ := brw.Reader.Peek(n)
+		conn = &eagerConn{Conn: conn, early: bytes.Clone(b)}
+	}
+	return conn, bufio.NewReadWriter(bufio.NewReaderSize(conn, ioBuffer), bufio.NewWriterSize(conn, ioBuffer)), nil
+}
+
+// eagerConn reads the bytes net/http had buffered first. They go in the
+// connection, not in the new reader: coder/websocket resets the reader it
+// is given to read from the connection.
+type eagerConn struct {
+	net.Conn
+	early []byte
+}
+
+func (c *eagerConn) Read(p []byte) (int, error) {
+	if len(c.early) > 0 {
+		n := copy(p, c.early)
+		c.early = c.early[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
 }
 
 func offers(r *http.Request, proto string) bool {

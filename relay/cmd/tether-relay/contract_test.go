@@ -178,6 +178,11 @@ func TestContract(t *testing.T) {
 		if badRelay.ExitCode() != 1 || !strings.Contains(badRelay.Stderr(), "not-a-range") {
 			t.Fatalf("relay with TETHER_TCP_PORTS=not-a-range: status %d: %s", badRelay.ExitCode(), badRelay.Stderr())
 		}
+		badTimeout := start(t, bin, "tether-relay", append(otherAddrs(t, relayEnv), "TETHER_DATA_DIR="+t.TempDir(), "TETHER_HANDSHAKE_TIMEOUT=10m")...)
+		waitExit(t, badTimeout, 10*time.Second)
+		if badTimeout.ExitCode() != 1 || !strings.Contains(badTimeout.Stderr(), "TETHER_HANDSHAKE_TIMEOUT=10m0s: want 1s..2m") {
+			t.Fatalf("relay with TETHER_HANDSHAKE_TIMEOUT=10m: status %d: %s", badTimeout.ExitCode(), badTimeout.Stderr())
+		}
 		badID := start(t, bin, "tether-relay", append(otherAddrs(t, relayEnv), "TETHER_DATA_DIR="+t.TempDir(), "TETHER_RELAY_ID=Relay_1")...)
 		waitExit(t, badID, 10*time.Second)
 		if badID.ExitCode() != 1 || !strings.Contains(badID.Stderr(), "TETHER_RELAY_ID") || !strings.Contains(badID.Stderr(), "Relay_1") {

@@ -77,9 +77,10 @@ type spec struct {
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
 	HeartbeatMin     time.Duration `split_words:"true" default:"5s" desc:"agents' heartbeat intervals are clamped to HEARTBEAT_MIN..HEARTBEAT_MAX (and the agent told): a dead agent loses its routes within 3×HEARTBEAT_MAX"`
 	HeartbeatMax     time.Duration `split_words:"true" default:"60s" desc:"see HEARTBEAT_MIN"`
-	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to 10s, then get 503"`
+	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to HANDSHAKE_TIMEOUT, then get 503"`
+	HandshakeTimeout time.Duration `split_words:"true" default:"10s" desc:"an agent's handshake (from the upgrade to its leases) must finish within this, and no connection waits longer for a handshake slot: 1s..2m (longer for devices on slow links)"`
 
-	MaxHandshakesPerClient int `split_words:"true" desc:"of those, how many one client address (IPv6: one /64) may hold; its others wait up to 10s for one of its own, then get 429; empty: a quarter of MAX_HANDSHAKES (64)"`
+	MaxHandshakesPerClient int `split_words:"true" desc:"of those, how many one client address (IPv6: one /64) may hold; its others wait up to HANDSHAKE_TIMEOUT for one of its own, then get 429; empty: a quarter of MAX_HANDSHAKES (64)"`
 
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
 	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`
@@ -120,6 +121,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	ports, err := controlplane.ParsePortRange(s.TCPPorts)
 	if err != nil {
 		return err
+	}
+	if s.HandshakeTimeout < time.Second || s.HandshakeTimeout > 2*time.Minute {
+		return fmt.Errorf("TETHER_HANDSHAKE_TIMEOUT=%v: want 1s..2m", s.HandshakeTimeout)
 	}
 	if s.RelayID, err = relayID(s.RelayID, os.Hostname); err != nil {
 		return err
@@ -207,7 +211,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	relayCfg := relay.Config{
 		RelayID: s.RelayID, Domain: s.Domain, PublicNames: names, ControlPlane: cpClient, Replica: rep,
 		TCPHost: s.TCPHost, DrainWindow: s.DrainWindow, Logger: log.With("component", "relay"), Registerer: reg,
-		MaxHandshakes: s.MaxHandshakes, MaxHandshakesPerClient: s.MaxHandshakesPerClient, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax, TCPPorts: ports,
+		MaxHandshakes: s.MaxHandshakes, MaxHandshakesPerClient: s.MaxHandshakesPerClient, HandshakeTimeout: s.HandshakeTimeout, HeartbeatMin: s.HeartbeatMin, HeartbeatMax: s.HeartbeatMax, TCPPorts: ports,
 		Public: relay.PublicLimits{
 			HeaderTimeout: s.PublicHeaderTimeout, IdleTimeout: s.PublicIdleTimeout, BodyMinRate: s.PublicBodyMinRate,
 			ResponseHeaderTimeout: s.PublicResponseTimeout, StreamIdleTimeout: s.PublicStreamIdleTimeout,
