@@ -173,7 +173,7 @@ func Dial(ctx context.Context, url string, o DialOptions) (*smux.Session, error)
 	// The session outlives ctx (coder/websocket's NetConn is bound to the
 	// context it is given). The agent does not wait for a close handshake
 	// with a relay it has declared dead.
-	s, err := smux.Client(NetConn(context.Background(), ws, false), o.Mux.Smux())
+	s, err := smux.Client(NetConn(context.Background(), ws, nil), o.Mux.Smux())
 	if err != nil {
 		ws.CloseNow()
 		return nil, fmt.Errorf("start smux client: %w", err)
@@ -182,21 +182,28 @@ func Dial(ctx context.Context, url string, o DialOptions) (*smux.Session, error)
 }
 
 // NetConn wraps ws as the net.Conn smux runs on: binary messages, one per
-// smux write, the conn alive until ctx ends or it is closed. graceful
-// chooses a WebSocket close handshake on Close (the relay, which may just
-// have written an error frame the agent should read) over closing at once
-// (the agent).
-func NetConn(ctx context.Context, ws *websocket.Conn, graceful bool) net.Conn {
-	return &vecConn{Conn: websocket.NetConn(ctx, ws, websocket.MessageBinary), ws: ws, graceful: graceful}
+// smux write, the conn alive until ctx ends or it is closed. With raw, the
+// connection under ws, Close makes a WebSocket close handshake (the relay,
+// which may just have written an error frame the agent should read), for
+// at most CloseWait: the peer cannot hold it longer, not even by declaring
+// a huge message (coder/websocket skips the rest of the message being
+// read, byte by byte, with no deadline of its own). Without raw, Close
+// closes at once (the agent).
+func NetConn(ctx context.Context, ws *websocket.Conn, raw net.Conn) net.Conn {
+	return &vecConn{Conn: websocket.NetConn(ctx, ws, websocket.MessageBinary), ws: ws, raw: raw}
 }
+
+// CloseWait bounds a graceful Close of a NetConn: writing the close frame
+// and waiting for the peer's.
+const CloseWait = 5 * time.Second
 
 // vecConn lets smux write each frame (header, payload) with one Write from
 // a pooled buffer: without WriteBuffers, smux keeps a 64 KB buffer per
 // session, which every idle agent would cost the relay.
 type vecConn struct {
 	net.Conn
-	ws       *websocket.Conn
-	graceful bool
+	ws  *websocket.Conn
+	raw net.Conn // nil: close at once
 }
 
 var framePool = sync.Pool{New: func() any { return new([]byte) }}
@@ -213,8 +220,9 @@ func (c *vecConn) WriteBuffers(v [][]byte) (int, error) {
 }
 
 func (c *vecConn) Close() error {
-	if c.graceful {
-		return c.Conn.Close()
+	if c.raw == nil {
+		return c.ws.CloseNow()
 	}
-	return c.ws.CloseNow()
+	c.raw.SetDeadline(time.Now().Add(CloseWait)) // coder/websocket sets none on it
+	return c.Conn.Close()
 }

@@ -35,7 +35,8 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 		http.Error(w, "tether: this relay speaks "+frames.Subprotocol+"; upgrade the agent", http.StatusUpgradeRequired)
 		return nil, wsmux.ErrProtocol
 	}
-	c, err := websocket.Accept(smallBuffers{w}, r, &websocket.AcceptOptions{
+	sb := &smallBuffers{ResponseWriter: w}
+	c, err := websocket.Accept(sb, r, &websocket.AcceptOptions{
 		Subprotocols:       []string{frames.Subprotocol},
 		CompressionMode:    websocket.CompressionDisabled,
 		InsecureSkipVerify: true, // agents are not browsers; they authenticate with their key
@@ -43,8 +44,8 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 	if err != nil {
 		return nil, fmt.Errorf("websocket accept: %w", err)
 	}
-	nc := wsmux.NetConn(context.WithoutCancel(r.Context()), c, true)
-	s, err := smux.Server(nc, mux.ServerSmux()) // small window until the relay calls mux.Trust
+	nc := wsmux.NetConn(context.WithoutCancel(r.Context()), c, sb.conn) // a close handshake, bounded
+	s, err := smux.Server(nc, mux.ServerSmux())                         // small window until the relay calls mux.Trust
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("start smux server: %w", err)
@@ -63,12 +64,15 @@ func Accept(w http.ResponseWriter, r *http.Request, mux wsmux.Config) (*smux.Ses
 const ioBuffer = 512
 
 // smallBuffers hands coder/websocket the hijacked connection with
-// ioBuffer-sized buffers.
-type smallBuffers struct{ http.ResponseWriter }
+// ioBuffer-sized buffers, and keeps the connection.
+type smallBuffers struct {
+	http.ResponseWriter
+	conn net.Conn
+}
 
-func (w smallBuffers) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+func (w *smallBuffers) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-func (w smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+func (w *smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
 	if err != nil {
 		return nil, nil, err
@@ -77,6 +81,7 @@ func (w smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		b, _ := brw.Reader.Peek(n)
 		conn = &eagerConn{Conn: conn, early: bytes.Clone(b)}
 	}
+	w.conn = conn
 	return conn, bufio.NewReadWriter(bufio.NewReaderSize(conn, ioBuffer), bufio.NewWriterSize(conn, ioBuffer)), nil
 }
 

@@ -120,3 +120,57 @@ func TestRefusesOtherProtocols(t *testing.T) {
 		t.Fatalf("got %s with Sec-WebSocket-Protocol %q; want 426 naming %s", resp.Status, resp.Header.Get("Sec-WebSocket-Protocol"), frames.Subprotocol)
 	}
 }
+
+// TestCloseIsBounded: a client that declares a huge WebSocket message and
+// goes quiet cannot hold the connection once the server closes the session
+// (coder/websocket's close handshake skips the rest of the message being
+// read with no deadline of its own): the server's end goes within
+// wsmux.CloseWait.
+func TestCloseIsBounded(t *testing.T) {
+	closed := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mux, err := wsserver.Accept(w, r, wsmux.Config{})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		// The session's reader is in the middle of the message: end it, as
+		// the relay does when a handshake fails.
+		mux.SetDeadline(time.Now().Add(10 * time.Second))
+		mux.AcceptStream()
+		mux.Close()
+		close(closed)
+	}))
+	defer srv.Close()
+	c, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef"))
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n",
+		frames.ConnectPath, key, frames.Subprotocol)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	// A binary message of 1 GiB (64-bit length), masked, then 8 bytes that
+	// are no smux frame: the session ends with a protocol error.
+	hdr := []byte{0x82, 0x80 | 127, 0, 0, 0, 0x40, 0, 0, 0, 0, 1, 2, 3, 4}
+	if _, err := c.Write(append(hdr, 9, 9, 9, 9, 9, 9, 9, 9)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server's Close did not return")
+	}
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(wsmux.CloseWait + 10*time.Second))
+	_, err = io.Copy(io.Discard, br) // the close frame, then the end
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("the server still holds the connection %v after closing the session", time.Since(start).Round(time.Second))
+	}
+}

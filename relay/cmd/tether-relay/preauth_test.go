@@ -90,7 +90,7 @@ func TestPreAuthMemory(t *testing.T) {
 		if err != nil {
 			return nil, err
 		}
-		mux, err := smux.Client(wsmux.NetConn(context.Background(), ws, false), wsmux.Config{}.Smux())
+		mux, err := smux.Client(wsmux.NetConn(context.Background(), ws, nil), wsmux.Config{}.Smux())
 		if err != nil {
 			return nil, err
 		}
