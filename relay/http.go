@@ -151,6 +151,12 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 		},
 		ResponseHeaderTimeout: s.cfg.Public.ResponseHeaderTimeout,
 		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,
+		// net/http finishes a dial whose request was canceled, for a later
+		// request, outside the client's cap (MaxStreamsPerClient): a client
+		// cancelling requests at once (HTTP/2 rapid reset) could fill the
+		// session with them. One service holds at most half the session's
+		// streams, dialling, busy or idle; more requests wait for one.
+		MaxConnsPerHost:       max(s.cfg.MaxStreamsPerSession/2, 1),
 		IdleConnTimeout:       90 * time.Second,
 		DisableCompression:    true,
 		ExpectContinueTimeout: time.Second,

@@ -330,3 +330,83 @@ func TestSlowReadersCannotStallTheSession(t *testing.T) {
 	}
 	t.Logf("40 stalled readers of a 64 MiB response: all cut off; a legitimate client's slowest of 20 requests meanwhile took %v; the session lived", worst.Round(time.Millisecond))
 }
+
+// TestCanceledRequestsCannotFillTheSession: a client that cancels its
+// requests before the device answers them (HTTP/2 rapid reset does it at
+// thousands a second on one connection) leaves the proxy's dials running
+// (net/http finishes them for later requests), outside its per-client
+// cap. Those dials may hold at most half the session's streams, so the
+// device's other services still get theirs. Before, they filled the
+// session's cap and everyone got 503 "Device busy".
+func TestCanceledRequestsCannotFillTheSession(t *testing.T) {
+	e := relaytest.Start(t, relaytest.Options{RelayConfig: func(c *relay.Config) {
+		c.MaxStreamsPerSession = 64
+	}})
+	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"}, frames.Service{Name: "app", Proto: "http"})
+	var pending, most atomic.Int64
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer close(release)
+	wg.Go(func() {
+		for {
+			st, err := ra.Mux.AcceptStream()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer st.Close()
+				open, err := frames.ReadAs[*frames.StreamOpen](st, 4096)
+				if err != nil {
+					return
+				}
+				if open.Service == "web" { // a device too slow to answer
+					n := pending.Add(1)
+					for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+					}
+					<-release
+					pending.Add(-1)
+					return
+				}
+				frames.Write(st, &frames.StreamAccept{})
+				if _, err := http.ReadRequest(bufio.NewReader(st)); err == nil {
+					io.WriteString(st, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+				}
+			})
+		}
+	})
+	attacker := httpFrom(e, "127.0.0.40")
+	var attack sync.WaitGroup
+	for range 8 {
+		attack.Go(func() {
+			for range 25 {
+				ctx, cancel := context.WithTimeout(t.Context(), 20*time.Millisecond)
+				req, _ := http.NewRequestWithContext(ctx, "GET", "http://web-pi01.localhost/", nil)
+				if resp, err := attacker.Do(req); err == nil {
+					resp.Body.Close()
+				}
+				cancel()
+			}
+		})
+	}
+	attack.Wait()
+	relaytest.Eventually(t, 10*time.Second, func() error {
+		if n := pending.Load(); n < 32 {
+			return fmt.Errorf("%d dials waiting on the device", n)
+		}
+		return nil
+	})
+	resp, err := httpFrom(e, "127.0.0.41").Get("http://app-pi01.localhost/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	t.Logf("200 canceled requests left %d dials waiting on the device (session cap 64); another service answered %s", most.Load(), resp.Status)
+	if resp.StatusCode != http.StatusOK || string(body) != "ok" {
+		t.Errorf("another service of the device, from another address: %s %q; want 200", resp.Status, body)
+	}
+	if n := most.Load(); n > 32 {
+		t.Errorf("canceled requests to one service left %d dials on the device; want at most half the session's 64 streams", n)
+	}
+}
