@@ -7,17 +7,21 @@ import (
 	"strings"
 )
 
-// clientAddressHeaders are the headers by which proxies and CDNs name a
-// request's client. A public client can set any of them, so the relay
-// never passes them on: the device learns the client's address from the
-// headers the relay writes itself (setForwarded). httputil.ReverseProxy
-// already drops Forwarded and X-Forwarded-{For,Host,Proto} when Rewrite
-// is set; every other X-Forwarded-* goes too.
+// clientAddressHeaders are the headers by which proxies and CDNs tell the
+// service behind them about a request: its client, scheme or original URL.
+// A public client can set any of them, so the relay never passes them on:
+// the device learns the client's address from the headers the relay
+// writes itself (setForwarded). httputil.ReverseProxy already drops
+// Forwarded and X-Forwarded-{For,Host,Proto} when Rewrite is set; every
+// other X-Forwarded-* goes too. X-Original-URL and X-Rewrite-URL, which
+// IIS, Symfony and Laravel take as the request's path, would get round a
+// service's path-based rules.
 var clientAddressHeaders = []string{
 	"Forwarded", "X-Real-Ip", "True-Client-Ip", "Cf-Connecting-Ip", "Cf-Connecting-Ipv6",
 	"X-Client-Ip", "X-Cluster-Client-Ip", "Fastly-Client-Ip", "X-Original-Forwarded-For",
 	"X-Originating-Ip", "X-Remote-Ip", "X-Remote-Addr", "Client-Ip",
 	"Forwarded-For", "X-Forwarded", "X-Proxyuser-Ip", "X-Real-Client-Ip", "Via-Client-Ip",
+	"X-Envoy-External-Address", "X-Original-Url", "X-Rewrite-Url", "Front-End-Https", "X-Url-Scheme",
 }
 
 // setForwarded replaces whatever the public client said about where it
