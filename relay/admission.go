@@ -14,8 +14,9 @@ import (
 // has not proved its key yet (the WebSocket, the smux session and the
 // control plane's answer) runs for at most MaxHandshakes connections at
 // once. A connection beyond that waits for a slot, up to HandshakeTimeout
-// and with at most 16×MaxHandshakes waiting (a waiting connection holds
-// its TLS state and one goroutine, no WebSocket or smux session yet): its
+// and with at most 4×MaxHandshakes waiting (a waiting connection holds
+// its TLS state, its request and one goroutine, about 45 KiB, no
+// WebSocket or smux session yet): its
 // TLS handshake is already paid for, and a fleet reconnecting at once (its
 // relay died) is served in order instead of all of it slowly, timing out
 // and starting again. Beyond the queue: 503 with Retry-After at once.
@@ -30,13 +31,13 @@ import (
 // queue, so that other addresses always find room in it. When its wait
 // ends, or its half is full: 429 with Retry-After.
 //
-// The default share, a quarter of the slots (64 of 256), leaves three
-// quarters to everyone else whatever one address does, and lets a fleet
-// behind one NAT through at 64 handshakes at a time: the 2 000 agents of
-// the default connect burst (ratelimit.go) fit in its half of the queue
-// (2 048) and are through in about a second, well within the wait. The
-// fleet simulator's 10 000 agents come from 200 addresses, 50 each: under
-// their share.
+// The defaults are 1 024 slots and a share of 64: silent upgrades must
+// come from 16 addresses to hold every slot (they cost about 35 KiB each,
+// 36 MB all), and a fleet behind one NAT gets through at 64 handshakes at
+// a time: the 2 000 agents of the default connect burst (ratelimit.go)
+// fit in its half of the queue (2 048) and are through in about a second,
+// well within the wait. The fleet simulator's 10 000 agents come from 200
+// addresses, 50 each: under their share.
 
 // refusal says whether the gate admitted a handshake, and if not, why.
 type refusal int
@@ -72,7 +73,7 @@ type share struct {
 // newGate returns a gate of n slots, at most perClient of them (clamped
 // to 1..n) held by one client, with a wait of at most wait for a slot.
 func newGate(n, perClient int, wait time.Duration) *gate {
-	maxWait := 16 * int64(n)
+	maxWait := 4 * int64(n)
 	return &gate{slots: make(chan struct{}, n), maxWait: maxWait, perClient: min(max(perClient, 1), n),
 		maxClientWait: int(max(maxWait/2, 1)), wait: wait, clients: map[netip.Prefix]*share{}}
 }

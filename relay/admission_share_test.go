@@ -52,9 +52,9 @@ func TestHandshakeShareSilentAttacker(t *testing.T) {
 		}
 		t.Cleanup(func() { mux.Close() })
 	}
-	// As many more as its part of the queue holds (half of 16×slots, more
+	// As many more as its part of the queue holds (half of 4×slots, more
 	// than the relay's free slots): they wait for the attacker's own slots.
-	const extra = 16 * slots / 2
+	const extra = 4 * slots / 2
 	ctx, cancel := context.WithCancel(t.Context())
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)

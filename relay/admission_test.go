@@ -17,15 +17,15 @@ import (
 func TestGate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const wait = 10 * time.Second
-		g := newGate(2, 2, wait) // 2 slots, 32 waiting
+		g := newGate(2, 2, wait) // 2 slots, 8 waiting
 		ctx := context.Background()
 		r1, ok1 := g.enter(ctx, "10.0.0.1:1000")
 		r2, ok2 := g.enter(ctx, "10.0.0.2:1000")
 		if ok1 != admitted || ok2 != admitted {
 			t.Fatal("the first two handshakes were refused")
 		}
-		got := make(chan refusal, 32)
-		for i := range 32 { // from as many addresses: none is over its share
+		got := make(chan refusal, 8)
+		for i := range 8 { // from as many addresses: none is over its share
 			go func() { _, why := g.enter(ctx, fmt.Sprintf("10.0.1.%d:1000", i)); got <- why }()
 		}
 		synctest.Wait()
@@ -39,12 +39,12 @@ func TestGate(t *testing.T) {
 			t.Fatalf("after one release: %d admitted, want 1", len(got))
 		}
 		start := time.Now()
-		time.Sleep(wait) // fake time: the other 31 give up
+		time.Sleep(wait) // fake time: the other 7 give up
 		synctest.Wait()
-		if len(got) != 31 {
-			t.Fatalf("%d waiters answered after %v, want 31 refused", len(got), time.Since(start))
+		if len(got) != 7 {
+			t.Fatalf("%d waiters answered after %v, want 7 refused", len(got), time.Since(start))
 		}
-		for range 31 {
+		for range 7 {
 			if why := <-got; why != relayBusy {
 				t.Fatalf("a waiter with no slot free: %v, want relayBusy", why)
 			}
@@ -66,7 +66,7 @@ func TestGate(t *testing.T) {
 func TestGateClientShare(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const wait = 10 * time.Second
-		g := newGate(4, 2, wait) // 4 slots, 2 per client, 64 waiting, 32 of one client
+		g := newGate(4, 2, wait) // 4 slots, 2 per client, 16 waiting, 8 of one client
 		ctx := context.Background()
 		var held []func()
 		for _, remote := range []string{"[2001:db8::1]:1", "[2001:db8::2]:2"} {
@@ -76,8 +76,8 @@ func TestGateClientShare(t *testing.T) {
 			}
 			held = append(held, r)
 		}
-		got := make(chan refusal, 32)
-		for i := range 32 { // the attacker's /64 fills its half of the queue
+		got := make(chan refusal, 8)
+		for i := range 8 { // the attacker's /64 fills its half of the queue
 			go func() { _, why := g.enter(ctx, fmt.Sprintf("[2001:db8::%x]:3", 100+i)); got <- why }()
 		}
 		synctest.Wait()
@@ -122,10 +122,10 @@ func TestGateClientShare(t *testing.T) {
 		}
 		time.Sleep(wait)
 		synctest.Wait()
-		if len(got) != 31 {
-			t.Fatalf("%d of 31 waiters answered after the wait", len(got))
+		if len(got) != 7 {
+			t.Fatalf("%d of 7 waiters answered after the wait", len(got))
 		}
-		for range 31 {
+		for range 7 {
 			if why := <-got; why != clientBusy {
 				t.Fatalf("a waiter for the client's share: %v, want clientBusy", why)
 			}

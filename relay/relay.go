@@ -110,12 +110,12 @@ type Config struct {
 	// MaxHandshakes caps the agent handshakes in progress at once (before
 	// the key is verified); more wait up to HandshakeTimeout, then get 503
 	// (admission.go).
-	// Zero means 256.
+	// Zero means 1024.
 	MaxHandshakes int
 	// MaxHandshakesPerClient caps the handshake slots one client address
 	// (IPv6: one /64) holds at once; its connections beyond wait for one of
 	// its own slots, within the same queue and time, then get 429
-	// (admission.go). Zero means MaxHandshakes/4 (64 of 256), at least 1.
+	// (admission.go). Zero means 64, or MaxHandshakes/4 if less (at least 1).
 	MaxHandshakesPerClient int
 	// Public bounds public clients: timeouts, sizes, per-client caps
 	// (public.go).
@@ -230,8 +230,8 @@ func New(cfg Config) (*Server, error) {
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, 10*time.Second)
 	cfg.HeartbeatMin = cmp.Or(cfg.HeartbeatMin, 5*time.Second)
 	cfg.HeartbeatMax = max(cmp.Or(cfg.HeartbeatMax, 60*time.Second), cfg.HeartbeatMin)
-	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 256)
-	cfg.MaxHandshakesPerClient = min(cmp.Or(max(cfg.MaxHandshakesPerClient, 0), max(cfg.MaxHandshakes/4, 1)), cfg.MaxHandshakes)
+	cfg.MaxHandshakes = cmp.Or(max(cfg.MaxHandshakes, 0), 1024)
+	cfg.MaxHandshakesPerClient = min(cmp.Or(max(cfg.MaxHandshakesPerClient, 0), min(64, max(cfg.MaxHandshakes/4, 1))), cfg.MaxHandshakes)
 	cfg.Public = cfg.Public.withDefaults()
 	cfg.DrainWindow = cmp.Or(cfg.DrainWindow, 5*time.Second)
 	cfg.HelloInterval = cmp.Or(cfg.HelloInterval, controlplane.HelloInterval)

@@ -77,10 +77,10 @@ type spec struct {
 	DrainWindow      time.Duration `split_words:"true" default:"5s" desc:"on SIGTERM, agents are told to move over this window"`
 	HeartbeatMin     time.Duration `split_words:"true" default:"5s" desc:"agents' heartbeat intervals are clamped to HEARTBEAT_MIN..HEARTBEAT_MAX (and the agent told): a dead agent loses its routes within 3×HEARTBEAT_MAX"`
 	HeartbeatMax     time.Duration `split_words:"true" default:"60s" desc:"see HEARTBEAT_MIN"`
-	MaxHandshakes    int           `split_words:"true" default:"256" desc:"agent handshakes in progress at once (before the key is verified); more wait up to HANDSHAKE_TIMEOUT, then get 503"`
+	MaxHandshakes    int           `split_words:"true" default:"1024" desc:"agent handshakes in progress at once (before the key is verified); more wait up to HANDSHAKE_TIMEOUT, then get 503"`
 	HandshakeTimeout time.Duration `split_words:"true" default:"10s" desc:"an agent's handshake (from the upgrade to its leases) must finish within this, and no connection waits longer for a handshake slot: 1s..2m (shorter frees slots held by silent upgrades sooner; agents give up after 20s themselves)"`
 
-	MaxHandshakesPerClient int `split_words:"true" desc:"of those, how many one client address (IPv6: one /64) may hold; its others wait up to HANDSHAKE_TIMEOUT for one of its own, then get 429; empty: a quarter of MAX_HANDSHAKES (64)"`
+	MaxHandshakesPerClient int `split_words:"true" desc:"of those, how many one client address (IPv6: one /64) may hold; its others wait up to HANDSHAKE_TIMEOUT for one of its own, then get 429; empty: 64, or a quarter of MAX_HANDSHAKES if less"`
 
 	PublicHeaderTimeout     time.Duration `split_words:"true" default:"10s" desc:"public clients: time to send a request header"`
 	PublicIdleTimeout       time.Duration `split_words:"true" default:"60s" desc:"public keep-alive connections idle this long are closed"`

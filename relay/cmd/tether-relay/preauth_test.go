@@ -57,7 +57,7 @@ func TestPreAuthMemory(t *testing.T) {
 		"TETHER_DATA_DIR=" + data, "TETHER_HTTPS_ADDR=" + addr["https"], "TETHER_HTTP_ADDR=" + addr["http"],
 		"TETHER_OPS_ADDR=" + addr["ops"], "TETHER_ADMIN_ADDR=" + addr["admin"], "TETHER_TCP_HOST=127.0.0.1",
 		"TETHER_TCP_PORTS=" + relaytest.FreePortRange(t, 2).String(), "TETHER_LOG_LEVEL=warn",
-		"TETHER_MAX_HANDSHAKES=1024", // every wave's connections hold a slot at once (256 per client address)
+		"TETHER_MAX_HANDSHAKES=1024", // every wave's connections hold a slot at once (64 per client address, 10 used)
 		"TETHER_PPROF=1",             // the test runs the collector (ops on loopback)
 		// Time to open and measure a wave on a busy machine (-race); that
 		// the relay ends silent handshakes is TestHandshakeDeadline's.
