@@ -45,7 +45,7 @@ func (s *Server) serveEnroll(w http.ResponseWriter, r *http.Request) {
 			// A token guesser must not flood the log: one line per interval
 			// says how many (each is counted by the metric, and at debug).
 			s.log.Debug("enrollment refused", "remote", r.RemoteAddr, "name", req.Name, "reason", msg)
-			s.limits.enrollRefusals.note(r.RemoteAddr, "enrollment refused", "name", req.Name, "reason", msg)
+			s.limits.enrollRefusals.note(clientKey(r.RemoteAddr).String(), "enrollment refused", "name", req.Name, "reason", msg)
 		}
 		writeJSON(w, kind.HTTPStatus(), frames.HTTPError{Error: msg})
 		return

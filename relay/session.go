@@ -161,7 +161,7 @@ func (s *Server) serveAgent(w http.ResponseWriter, r *http.Request) {
 		done()
 		s.metrics.handshakes.WithLabelValues("protocol").Inc()
 		s.log.Debug("agent upgrade refused", "remote", r.RemoteAddr, "err", err)
-		s.limits.upgradeRefusals.note(r.RemoteAddr, "agent upgrades refused", "err", err) // one line per 10s (ratelimit.go)
+		s.limits.upgradeRefusals.note(clientKey(r.RemoteAddr).String(), "agent upgrades refused", "err", err) // one line per 10s (ratelimit.go)
 		return
 	}
 	ctx, remote := context.WithoutCancel(r.Context()), r.RemoteAddr
@@ -193,7 +193,7 @@ func (s *Server) runSession(ctx context.Context, mux *smux.Session, remote strin
 		sess.releaseSync()
 		s.metrics.handshakes.WithLabelValues(handshakeResult(err)).Inc()
 		sess.log.Debug("agent handshake failed", "err", err)
-		s.limits.handshakeFailures.note(remote, "agent handshakes failed", "err", err) // one line per 10s (ratelimit.go)
+		s.limits.handshakeFailures.note(clientKey(remote).String(), "agent handshakes failed", "err", err) // one line per 10s (ratelimit.go)
 		if sess.deviceID != "" {
 			s.goodbye(sess) // connected, then failed: nothing may count it online
 		}

@@ -34,8 +34,12 @@ type tcpListeners struct {
 	serve   func(port uint16, c net.Conn) // serves one accepted connection
 	metrics *metrics
 	log     *slog.Logger
-	listen  func(network, addr string) (net.Listener, error) // net.Listen; tests replace it
-	now     func() time.Time                                 // time.Now; tests replace it
+	// acceptErrors logs failed accepts (out of file descriptors: every
+	// port fails at once) once per 10s with their count, not a line per
+	// port per retry.
+	acceptErrors *boundedLog
+	listen       func(network, addr string) (net.Listener, error) // net.Listen; tests replace it
+	now          func() time.Time                                 // time.Now; tests replace it
 
 	mu     sync.Mutex
 	lns    map[uint16]*portListener
@@ -78,7 +82,8 @@ func bindRetry(attempts int) time.Duration {
 
 func newTCPListeners(host string, want func(uint16) bool, all func() []uint16, serve func(uint16, net.Conn), m *metrics, log *slog.Logger) *tcpListeners {
 	return &tcpListeners{host: host, want: want, all: all, serve: serve, metrics: m, log: log, listen: net.Listen, now: time.Now,
-		lns: map[uint16]*portListener{}, failed: map[uint16]*bindFailure{}, conns: map[net.Conn]struct{}{}}
+		acceptErrors: newBoundedLog(log, 10*time.Second),
+		lns:          map[uint16]*portListener{}, failed: map[uint16]*bindFailure{}, conns: map[net.Conn]struct{}{}}
 }
 
 // sync binds the given ports if they are wanted and closes their
@@ -227,7 +232,7 @@ func (t *tcpListeners) acceptLoop(pl *portListener) {
 				return
 			}
 			delay = min(max(2*delay, acceptBackoffMin), acceptBackoffMax)
-			t.log.Warn("accept TCP", "addr", pl.ln.Addr(), "err", err, "retry_in", delay)
+			t.acceptErrors.note(pl.ln.Addr().String(), "accept TCP failed", "err", err)
 			if !sleep(pl.done, delay) {
 				return
 			}
