@@ -22,6 +22,7 @@ import (
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/relaytest"
+	"github.com/xtaci/smux"
 )
 
 // shortLimits are public limits small enough for a test to see each one act.
@@ -345,34 +346,20 @@ func TestCanceledRequestsCannotFillTheSession(t *testing.T) {
 	ra := e.EnrolledRaw(t, nil, "pi01", frames.Service{Name: "web", Proto: "http"}, frames.Service{Name: "app", Proto: "http"})
 	var pending, most atomic.Int64
 	release := make(chan struct{})
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer close(release)
-	wg.Go(func() {
-		for {
-			st, err := ra.Mux.AcceptStream()
-			if err != nil {
-				return
+	defer close(release) // before the session closes (ServeStreams' cleanup)
+	ra.ServeStreams(t, func(open *frames.StreamOpen, st *smux.Stream) {
+		defer st.Close()
+		if open.Service == "web" { // a device too slow to answer
+			n := pending.Add(1)
+			for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
 			}
-			wg.Go(func() {
-				defer st.Close()
-				open, err := frames.ReadAs[*frames.StreamOpen](st, 4096)
-				if err != nil {
-					return
-				}
-				if open.Service == "web" { // a device too slow to answer
-					n := pending.Add(1)
-					for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
-					}
-					<-release
-					pending.Add(-1)
-					return
-				}
-				frames.Write(st, &frames.StreamAccept{})
-				if _, err := http.ReadRequest(bufio.NewReader(st)); err == nil {
-					io.WriteString(st, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-				}
-			})
+			<-release
+			pending.Add(-1)
+			return
+		}
+		frames.Write(st, &frames.StreamAccept{})
+		if _, err := http.ReadRequest(bufio.NewReader(st)); err == nil {
+			io.WriteString(st, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 		}
 	})
 	attacker := httpFrom(e, "127.0.0.40")

@@ -15,36 +15,21 @@ import (
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/relay"
 	"github.com/tetherfleet/tether/relay/relaytest"
+	"github.com/xtaci/smux"
 )
 
 // echoStreams accepts every data stream the relay opens to ra and echoes
 // its bytes, passing the public client's half-close on, until the test
 // ends.
 func echoStreams(t *testing.T, ra *relaytest.RawAgent) {
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			st, err := ra.Mux.AcceptStream()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer st.Close()
-				if _, err := frames.ReadAs[*frames.StreamOpen](st, 4096); err != nil {
-					return
-				}
-				if frames.Write(st, &frames.StreamAccept{}) != nil {
-					return
-				}
-				io.Copy(st, st)
-				st.CloseWrite()
-				io.Copy(io.Discard, st)
-			})
+	ra.ServeStreams(t, func(_ *frames.StreamOpen, st *smux.Stream) {
+		defer st.Close()
+		if frames.Write(st, &frames.StreamAccept{}) != nil {
+			return
 		}
-	})
-	t.Cleanup(func() {
-		ra.Mux.Close()
-		wg.Wait()
+		io.Copy(st, st)
+		st.CloseWrite()
+		io.Copy(io.Discard, st)
 	})
 }
 

@@ -191,6 +191,34 @@ func (a *RawAgent) KeepAlive(t testing.TB) {
 	})
 }
 
+// ServeStreams accepts every data stream the relay opens and calls handle
+// with its StreamOpen, each in a goroutine of its own, until the test ends
+// (the session is closed then, and the handlers waited for). A stream
+// whose StreamOpen cannot be read is closed; handle closes the others.
+func (a *RawAgent) ServeStreams(t testing.TB, handle func(open *frames.StreamOpen, st *smux.Stream)) {
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			st, err := a.Mux.AcceptStream()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				open, err := frames.ReadAs[*frames.StreamOpen](st, 4096)
+				if err != nil {
+					st.Close()
+					return
+				}
+				handle(open, st)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		a.Mux.Close()
+		wg.Wait()
+	})
+}
+
 // ServeHTTP accepts every data stream the relay opens, whatever service it
 // names, and serves h on it, until the test ends.
 func (a *RawAgent) ServeHTTP(t testing.TB, h http.Handler) {

@@ -52,10 +52,7 @@ func TestEagerClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef"))
-	req := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n",
-		frames.ConnectPath, key, frames.Subprotocol)
+	req := upgradeRequest()
 	// smux v2: a SYN for stream 1, then "hello" on it; each frame a masked
 	// binary WebSocket message, all in the request's one write.
 	smuxFrame := func(cmd byte, payload string) []byte {
@@ -147,10 +144,7 @@ func TestCloseIsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef"))
-	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n",
-		frames.ConnectPath, key, frames.Subprotocol)
+	io.WriteString(c, upgradeRequest())
 	br := bufio.NewReader(c)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
@@ -173,4 +167,12 @@ func TestCloseIsBounded(t *testing.T) {
 	if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		t.Fatalf("the server still holds the connection %v after closing the session", time.Since(start).Round(time.Second))
 	}
+}
+
+// upgradeRequest is an agent's WebSocket upgrade, written by hand.
+func upgradeRequest() string {
+	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef"))
+	return fmt.Sprintf("GET %s HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n",
+		frames.ConnectPath, key, frames.Subprotocol)
 }
