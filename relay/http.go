@@ -151,12 +151,6 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 		},
 		ResponseHeaderTimeout: s.cfg.Public.ResponseHeaderTimeout,
 		MaxIdleConnsPerHost:   s.cfg.MaxIdleStreams,
-		// net/http finishes a dial whose request was canceled, for a later
-		// request, outside the client's cap (MaxStreamsPerClient): a client
-		// cancelling requests at once (HTTP/2 rapid reset) could fill the
-		// session with them. One service holds at most half the session's
-		// streams, dialling, busy or idle; more requests wait for one.
-		MaxConnsPerHost:       max(s.cfg.MaxStreamsPerSession/2, 1),
 		IdleConnTimeout:       90 * time.Second,
 		DisableCompression:    true,
 		ExpectContinueTimeout: time.Second,
@@ -166,6 +160,8 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 			pr.SetURL(&url.URL{Scheme: "http", Host: pr.In.Host})
 			pr.Out.Host = pr.In.Host
 			setForwarded(pr) // X-Forwarded-*, Forwarded; client-set ones dropped (forwarded.go)
+			// The dial learns which request it is made for (requestOf).
+			pr.Out = pr.Out.WithContext(context.WithValue(pr.Out.Context(), dialingFor{}, pr.Out.Context()))
 		},
 		Transport: tr,
 		// Zero: ReverseProxy itself flushes at once for text/event-stream and
@@ -180,16 +176,41 @@ func (s *Server) newServiceProxy(up upstream) *serviceProxy {
 	return &serviceProxy{ReverseProxy: rp, transport: tr}
 }
 
+// dialingFor keys, in the context of a proxied request, that request's
+// own context.
+type dialingFor struct{}
+
+// requestOf returns the context of the request a transport's dial was made
+// for, or ctx. net/http detaches a dial from its request's cancellation
+// (a later request may use the connection) but keeps its values.
+func requestOf(ctx context.Context) context.Context {
+	if rc, ok := ctx.Value(dialingFor{}).(context.Context); ok {
+		return rc
+	}
+	return ctx
+}
+
 // dialHTTP opens a data stream to service for the HTTP transport and
-// waits for the agent's answer.
-func (sess *session) dialHTTP(service string) (net.Conn, error) {
+// waits for the agent's answer. It gives up as soon as the request it is
+// made for is gone: net/http would finish the dial anyway, outside the
+// client's cap (MaxStreamsPerClient), and a client cancelling its requests
+// at once (HTTP/2 rapid reset) could fill the session with such dials.
+func (sess *session) dialHTTP(ctx context.Context, service string) (net.Conn, error) {
+	rc := requestOf(ctx)
+	if err := rc.Err(); err != nil {
+		return nil, err
+	}
 	c, err := sess.openStream(service, "")
 	if err != nil {
 		return nil, err
 	}
+	gone := context.AfterFunc(rc, func() { c.Close() })
 	if err := c.awaitAnswer(); err != nil {
 		c.Close()
 		return nil, err
+	}
+	if !gone() { // the request went while the agent answered: closed
+		return nil, context.Cause(rc)
 	}
 	return c, nil
 }

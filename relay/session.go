@@ -602,7 +602,7 @@ func (sess *session) proxy(service string) *serviceProxy {
 	p, ok := sess.proxies[service]
 	if !ok {
 		p = sess.srv.newServiceProxy(upstream{device: sess.name, service: service, gone: sess.isClosed,
-			dial: func(context.Context) (net.Conn, error) { return sess.dialHTTP(service) }})
+			dial: func(ctx context.Context) (net.Conn, error) { return sess.dialHTTP(ctx, service) }})
 		sess.proxies[service] = p
 	}
 	return p
