@@ -216,7 +216,7 @@ type supervisor struct {
 	cmds   []unitCommand
 	env    []string
 	wrap   []string // e.g. qemu-user before each binary
-	logs   *lockedBuffer
+	logs   *harness.SyncBuffer
 	mu     sync.Mutex
 	cur    *harness.Proc
 	starts atomic.Int32
@@ -226,25 +226,8 @@ type supervisor struct {
 
 const maxStarts = 40
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 func supervise(t *testing.T, d device, env []string, wrap ...string) *supervisor {
-	s := &supervisor{t: t, cmds: unitCommands(t, d.dir), env: env, wrap: wrap, logs: &lockedBuffer{},
+	s := &supervisor{t: t, cmds: unitCommands(t, d.dir), env: env, wrap: wrap, logs: &harness.SyncBuffer{},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	go s.run()
 	t.Cleanup(func() {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tetherfleet/tether/cross/harness"
 	"github.com/tetherfleet/tether/frames"
 	"github.com/tetherfleet/tether/frames/wsmux"
 	"github.com/tetherfleet/tether/relay"
@@ -24,23 +25,12 @@ import (
 )
 
 // lineLog is a log that keeps its lines to count them.
-type lineLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *lineLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
+type lineLog struct{ harness.SyncBuffer }
 
 // count returns how many lines say s.
 func (l *lineLog) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	n := 0
-	for line := range strings.Lines(l.buf.String()) {
+	for line := range strings.Lines(l.String()) {
 		if strings.Contains(line, s) {
 			n++
 		}

@@ -34,21 +34,8 @@ func connectSim(t *testing.T, e *relaytest.Env, name, version string) *simAgent 
 	_, key, _ := ed25519.GenerateKey(nil)
 	e.Enroll(t, key, name)
 	ra := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
-	ra.Key = key
-	copy(ra.Pub[:], key.Public().(ed25519.PublicKey))
-	ra.Send(t, &frames.Hello{PublicKey: ra.Pub, AgentVersion: version, HeartbeatMillis: uint32(relaytest.RawHeartbeat / time.Millisecond)})
-	ch, ok := ra.Recv(t).(*frames.Challenge)
-	if !ok {
-		t.Fatal("no challenge")
-	}
-	ra.Send(t, ra.Sign(ch.Nonce, ch.RelayID))
-	if _, ok := ra.Recv(t).(*frames.Welcome); !ok {
-		t.Fatal("no welcome")
-	}
-	ra.Send(t, &frames.Register{})
-	if _, ok := ra.Recv(t).(*frames.Leases); !ok {
-		t.Fatal("no leases")
-	}
+	ra.Version = version
+	ra.Handshake(t, key)
 	return &simAgent{id: frames.DeviceID(ra.Pub[:]), ra: ra}
 }
 

@@ -50,21 +50,8 @@ func updateAgent(t *testing.T, binary []byte) (*relaytest.Env, *relaytest.RawAge
 func connectV1(t *testing.T, e *relaytest.Env, priv ed25519.PrivateKey) *relaytest.RawAgent {
 	t.Helper()
 	ra := relaytest.DialRaw(t, e.RelayURL(), e.CA.Pool())
-	copy(ra.Pub[:], priv.Public().(ed25519.PublicKey))
-	ra.Key = priv
-	ra.Send(t, &frames.Hello{PublicKey: ra.Pub, AgentVersion: "v1.0.0", HeartbeatMillis: uint32(relaytest.RawHeartbeat / time.Millisecond)})
-	ch, ok := ra.Recv(t).(*frames.Challenge)
-	if !ok {
-		t.Fatal("no challenge")
-	}
-	ra.Send(t, ra.Sign(ch.Nonce, ch.RelayID))
-	if _, ok := ra.Recv(t).(*frames.Welcome); !ok {
-		t.Fatal("no welcome")
-	}
-	ra.Send(t, &frames.Register{Services: []frames.Service{{Name: "web", Proto: "http"}}})
-	if _, ok := ra.Recv(t).(*frames.Leases); !ok {
-		t.Fatal("no leases")
-	}
+	ra.Version = "v1.0.0"
+	ra.Handshake(t, priv, frames.Service{Name: "web", Proto: "http"})
 	return ra
 }
 

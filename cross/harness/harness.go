@@ -59,7 +59,7 @@ type Cmd struct {
 type Proc struct {
 	name     string
 	cmd      *exec.Cmd
-	out, err *syncBuffer // nil when Cmd gave a writer
+	out, err *SyncBuffer // nil when Cmd gave a writer
 	done     chan struct{}
 	waitErr  error // set before done is closed
 }
@@ -73,11 +73,11 @@ func Start(c Cmd) (*Proc, error) {
 	p.cmd.Env = append(os.Environ(), c.Env...)
 	p.cmd.Stdout, p.cmd.Stderr = c.Stdout, c.Stderr
 	if c.Stdout == nil {
-		p.out = &syncBuffer{}
+		p.out = &SyncBuffer{}
 		p.cmd.Stdout = p.out
 	}
 	if c.Stderr == nil {
-		p.err = &syncBuffer{}
+		p.err = &SyncBuffer{}
 		p.cmd.Stderr = p.err
 	}
 	if err := p.cmd.Start(); err != nil {
@@ -144,7 +144,7 @@ func (p *Proc) Logs() string {
 	var b strings.Builder
 	for _, s := range []struct {
 		name string
-		buf  *syncBuffer
+		buf  *SyncBuffer
 	}{{"stdout", p.out}, {"stderr", p.err}} {
 		if s.buf != nil && s.buf.Len() > 0 {
 			fmt.Fprintf(&b, "--- %s %s (pid %d):\n%s", p.name, s.name, p.PID(), s.buf.String())
@@ -280,20 +280,21 @@ func WaitHTTP(ctx context.Context, url string, status int, timeout time.Duration
 	}, watch...)
 }
 
-// syncBuffer is a bytes.Buffer safe for a writer and readers at once.
-type syncBuffer struct {
+// SyncBuffer is a bytes.Buffer safe for a writer and readers at once
+// (a process's output, a logger's lines read by a test).
+type SyncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
+func (s *SyncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(p)
 }
 
 // String is the content so far; "" for a nil buffer (output not captured).
-func (s *syncBuffer) String() string {
+func (s *SyncBuffer) String() string {
 	if s == nil {
 		return ""
 	}
@@ -302,7 +303,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func (s *syncBuffer) Len() int {
+func (s *SyncBuffer) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Len()

@@ -1,6 +1,7 @@
 package relaytest
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/tls"
@@ -30,6 +31,8 @@ type RawAgent struct {
 	Ctrl *smux.Stream // the control stream
 	Key  ed25519.PrivateKey
 	Pub  [32]byte
+	// Version is the agent version Handshake announces; empty means "raw".
+	Version string
 }
 
 // NewRawAgent opens the control stream on mux; mux is closed when the test ends.
@@ -87,12 +90,13 @@ func (e *Env) Enroll(t testing.TB, key ed25519.PrivateKey, name string) {
 }
 
 // Handshake runs the agent's side of the handshake with key (hello with
-// RawHeartbeat, signed challenge, register svcs) and returns the leases.
+// Version and RawHeartbeat, signed challenge, register svcs) and returns
+// the leases.
 func (a *RawAgent) Handshake(t testing.TB, key ed25519.PrivateKey, svcs ...frames.Service) *frames.Leases {
 	t.Helper()
 	a.Key = key
 	copy(a.Pub[:], key.Public().(ed25519.PublicKey))
-	a.Send(t, &frames.Hello{PublicKey: a.Pub, AgentVersion: "raw", HeartbeatMillis: uint32(RawHeartbeat / time.Millisecond)})
+	a.Send(t, &frames.Hello{PublicKey: a.Pub, AgentVersion: cmp.Or(a.Version, "raw"), HeartbeatMillis: uint32(RawHeartbeat / time.Millisecond)})
 	ch, ok := a.Recv(t).(*frames.Challenge)
 	if !ok {
 		t.Fatal("no challenge")
